@@ -1,0 +1,120 @@
+"""3D rotary position tables for CogVideoX video and reference tokens.
+
+The table layout matches both the host's and diffusers' CogVideoX: per token, the head
+dimension is split into temporal (d/4), height (3d/8) and width (3d/8) parts, each with
+interleaved (cos, sin) pairs. What differs between implementations is the *positions*:
+
+* ``spatial="exact"`` reproduces diffusers' pipeline (the reference implementation):
+  CogVideoX 1.0 places the token grid inside the training grid's crop region with a
+  ``linspace`` (integer positions at the native 480x720 grid, stretched otherwise);
+  CogVideoX 1.5 uses integer positions.
+* ``spatial="host"`` reproduces the host's port, which multiplies CogVideoX 1.0 spatial
+  positions by ``spatial_interpolation_scale`` (1.875 by default; design.md §2).
+
+Reference frames get temporal positions by ``ref_rope`` (design.md §1, [reconstructed]):
+``"negative"`` (default: references at -R..-1, the video keeps 0..T-1, so the video's own
+attention is unchanged), ``"shift"`` (references at 0..R-1, the video shifted to R..R+T-1),
+or ``"none"`` (reference tokens are not rotated at all).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SPATIAL_MODES = ("exact", "host")
+REF_ROPE_MODES = ("negative", "shift", "none")
+
+
+def _axis_table(dim: int, pos: torch.Tensor, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=pos.device) / dim))
+    angles = torch.outer(pos.float(), freqs)
+    return angles.cos().repeat_interleave(2, dim=-1), angles.sin().repeat_interleave(2, dim=-1)
+
+
+def crop_region(grid_h: int, grid_w: int, base_h: int, base_w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The region of the base (training) grid that a ``grid_h x grid_w`` grid is resized into.
+
+    Same rule as diffusers' CogVideoX pipeline: fit the aspect ratio inside the base grid,
+    centred; returns ``((top, left), (bottom, right))``.
+    """
+    if grid_h / grid_w > base_h / base_w:
+        rh, rw = base_h, int(round(base_h / grid_h * grid_w))
+    else:
+        rw, rh = base_w, int(round(base_w / grid_w * grid_h))
+    top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
+    return (top, left), (top + rh, left + rw)
+
+
+def spatial_positions(
+    h: int,
+    w: int,
+    *,
+    temporal_patch: bool,
+    spatial: str = "exact",
+    base_hw: tuple[int, int] = (30, 45),
+    interpolation_scale: float = 1.875,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Height and width positions of a ``h x w`` token grid.
+
+    ``temporal_patch`` is True for CogVideoX 1.5 (integer positions in every mode);
+    ``base_hw`` is the training grid in tokens (sample size // patch size).
+    """
+    if spatial not in SPATIAL_MODES:
+        raise ValueError(f"spatial RoPE mode {spatial!r} is not one of {SPATIAL_MODES}")
+    f32 = dict(dtype=torch.float32, device=device)
+    if temporal_patch:
+        return torch.arange(h, **f32), torch.arange(w, **f32)
+    if spatial == "host":
+        return (torch.linspace(0, h - 1, h, **f32) * interpolation_scale,
+                torch.linspace(0, w - 1, w, **f32) * interpolation_scale)
+    (top, left), (bottom, right) = crop_region(h, w, *base_hw)
+    return (torch.linspace(top, bottom * (h - 1) / h, h, **f32),
+            torch.linspace(left, right * (w - 1) / w, w, **f32))
+
+
+def temporal_positions(ref_frames: int, video_frames: int, ref_rope: str = "negative",
+                       device: torch.device | None = None) -> torch.Tensor:
+    """Temporal positions of ``ref_frames`` reference frames followed by the video's frames.
+
+    Frames are counted after the temporal patch (one per token frame). With ``"none"`` the
+    reference frames get position 0 here; :func:`rotary_table` then leaves them unrotated.
+    """
+    if ref_rope not in REF_ROPE_MODES:
+        raise ValueError(f"reference RoPE mode {ref_rope!r} is not one of {REF_ROPE_MODES}")
+    video = torch.arange(video_frames, dtype=torch.float32, device=device)
+    refs = torch.arange(ref_frames, dtype=torch.float32, device=device)
+    if ref_rope == "negative":
+        return torch.cat([refs - ref_frames, video])
+    if ref_rope == "shift":
+        return torch.cat([refs, video + ref_frames])
+    return torch.cat([torch.zeros_like(refs), video])
+
+
+def rotary_table(
+    head_dim: int,
+    t_pos: torch.Tensor,
+    h_pos: torch.Tensor,
+    w_pos: torch.Tensor,
+    *,
+    unrotated_frames: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each ``[T*h*w, head_dim]`` in frame-major token order.
+
+    The first ``unrotated_frames`` frames get cos=1, sin=0 (the identity rotation).
+    """
+    dim_t, dim_hw = head_dim // 4, head_dim // 8 * 3
+    T, h, w = t_pos.numel(), h_pos.numel(), w_pos.numel()
+    parts = [_axis_table(dim_t, t_pos), _axis_table(dim_hw, h_pos), _axis_table(dim_hw, w_pos)]
+    (tc, ts), (hc, hs), (wc, ws) = parts
+
+    def grid(t_, h_, w_):
+        return torch.cat([t_[:, None, None].expand(-1, h, w, -1), h_[None, :, None].expand(T, -1, w, -1),
+                          w_[None, None].expand(T, h, -1, -1)], dim=-1).reshape(T * h * w, -1)
+
+    cos, sin = grid(tc, hc, wc), grid(ts, hs, ws)
+    if unrotated_frames:
+        n = unrotated_frames * h * w
+        cos[:n] = 1.0
+        sin[:n] = 0.0
+    return cos, sin
