@@ -1,0 +1,269 @@
+"""TAB schedules: curve values, windows, keyframes, progress from the host's real sigma schedules."""
+
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from cvx_core.tab_schedule import (  # noqa: E402
+    TABSchedule,
+    parse_keyframes,
+    plot_schedule_image,
+    progress_from_sigmas,
+    reference_bias,
+    strength_to_bias,
+)
+
+HOST = ROOT / ".host" / "ComfyUI"
+
+
+def import_host():
+    """Import the real host tree (CPU mode); fails, never skips, when the host is missing."""
+    assert (HOST / "comfy").is_dir(), f"host tree missing at {HOST}: run `make setup`"
+    if str(HOST) not in sys.path:
+        sys.path.insert(0, str(HOST))
+    if "comfy.model_management" not in sys.modules:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+        try:
+            import comfy.model_management  # noqa: F401
+        finally:
+            sys.argv = argv
+
+
+# --- strength -------------------------------------------------------------------------------------
+
+
+def test_strength_to_bias():
+    assert strength_to_bias(0) == -math.inf
+    assert strength_to_bias(1) == 0.0
+    assert strength_to_bias(2.0) == pytest.approx(math.log(2.0))
+    with pytest.raises(ValueError, match=r"-0\.5.*expected a number >= 0"):
+        strength_to_bias(-0.5)
+
+
+def test_reference_bias_adds_log_strength_and_zero_strength_is_off():
+    s = TABSchedule(curve="fixed", b_max=0.5)
+    assert reference_bias(s, 0.3, strength=2.0) == pytest.approx(math.log(2.0) + 0.5)
+    assert reference_bias(s, 0.3, strength=0.0) == -math.inf
+
+
+# --- curves ---------------------------------------------------------------------------------------
+
+
+def test_parabolic_ends_peak_symmetry_and_monotone_halves():
+    s = TABSchedule(b_min=-0.5, b_max=1.5)
+    assert s.curve == "parabolic"
+    assert s.bias_at(0.0) == pytest.approx(-0.5)
+    assert s.bias_at(0.5) == pytest.approx(1.5)
+    assert s.bias_at(1.0) == pytest.approx(-0.5)
+    xs = [i / 200 for i in range(201)]
+    for x in xs:
+        assert s.bias_at(x) == pytest.approx(s.bias_at(1 - x), abs=1e-12)
+    first = [s.bias_at(x) for x in xs[:101]]
+    second = [s.bias_at(x) for x in xs[100:]]
+    assert all(a < b for a, b in zip(first, first[1:]))
+    assert all(a > b for a, b in zip(second, second[1:]))
+
+
+def test_fixed_and_linear_ramps():
+    fixed = TABSchedule(curve="fixed", b_min=-3.0, b_max=0.7)
+    assert {fixed.bias_at(x) for x in (0, 0.3, 1)} == {0.7}
+    up = TABSchedule(curve="linear_up", b_min=0.0, b_max=2.0)
+    down = TABSchedule(curve="linear_down", b_min=0.0, b_max=2.0)
+    for x in (0.0, 0.25, 0.5, 1.0):
+        assert up.bias_at(x) == pytest.approx(2.0 * x)
+        assert down.bias_at(x) == pytest.approx(2.0 * (1 - x))
+
+
+def test_window_renormalises_the_curve_and_outside_modes():
+    base = TABSchedule(b_min=0.0, b_max=1.0, start_percent=0.2, end_percent=0.6, outside="base")
+    off = TABSchedule(b_min=0.0, b_max=1.0, start_percent=0.2, end_percent=0.6, outside="off")
+    for s in (base, off):
+        assert s.bias_at(0.2) == pytest.approx(0.0)
+        assert s.bias_at(0.4) == pytest.approx(1.0)  # the peak sits in the window's middle
+        assert s.bias_at(0.6) == pytest.approx(0.0, abs=1e-12)
+    for x in (0.0, 0.1, 0.61, 1.0):
+        assert base.bias_at(x) == 0.0
+        assert off.bias_at(x) == -math.inf
+    assert reference_bias(base, 0.9, strength=3.0) == pytest.approx(math.log(3.0))
+    assert reference_bias(off, 0.9, strength=3.0) == -math.inf
+
+
+def test_keyframes_interpolate_and_hold_beyond_the_ends():
+    s = TABSchedule(curve="keyframes", keyframes="0:0, 0.5:1.2, 1:0")
+    assert s.bias_at(0.25) == pytest.approx(0.6)
+    assert s.bias_at(0.5) == pytest.approx(1.2)
+    assert s.bias_at(0.75) == pytest.approx(0.6)
+    held = TABSchedule(curve="keyframes", keyframes=((0.2, 1.0), (0.8, 2.0)))
+    assert held.bias_at(0.0) == 1.0 and held.bias_at(0.5) == pytest.approx(1.5) and held.bias_at(1.0) == 2.0
+    gated = TABSchedule(curve="keyframes", keyframes="0:off; 0.5:1\n1:1")
+    assert gated.bias_at(0.0) == -math.inf
+    assert gated.bias_at(0.25) == -math.inf  # a segment touching "off" stays off, never NaN
+    assert gated.bias_at(0.5) == 1.0 and gated.bias_at(0.9) == 1.0
+
+
+def test_parse_keyframes_separators_whitespace_and_order():
+    assert parse_keyframes(" 1 : 0 ;\n 0:0.5 ,0.5:-inf,") == ((0.0, 0.5), (0.5, -math.inf), (1.0, 0.0))
+    assert parse_keyframes("0.3:off") == ((0.3, -math.inf),)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("0:0, 0.5-1, 1:0", ['keyframe 2 "0.5-1"', '"progress:bias"', "expected e.g."]),
+        ("0:0, x:1", ['keyframe 2 "x:1"', 'progress "x"', "not a number", "expected"]),
+        ("0:0, 1.5:1", ['keyframe 2 "1.5:1"', "outside 0..1", "expected"]),
+        ("0:abc", ['keyframe 1 "0:abc"', 'bias "abc"', "not a finite number", "expected"]),
+        ("0:inf", ['keyframe 1 "0:inf"', 'bias "inf"', "not a finite number"]),
+        ("0:nan", ['keyframe 1 "0:nan"', 'bias "nan"']),
+        ("0:1, 0.5:1, 0.5:2", ["progress 0.5 twice", "expected each progress value once"]),
+        (" , ;\n", ["contain no point", "expected e.g."]),
+    ],
+)
+def test_parse_keyframes_errors_say_what_where_and_what_is_expected(text, words):
+    with pytest.raises(ValueError) as info:
+        parse_keyframes(text)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"curve": "cosine"}, ['"cosine"', "parabolic", "keyframes"]),
+        (
+            {"start_percent": 0.6, "end_percent": 0.6},
+            ["start_percent=0.6", "0 <= start_percent < end_percent <= 1"],
+        ),
+        ({"end_percent": 1.2}, ["end_percent=1.2", "expected"]),
+        ({"b_max": math.nan}, ["b_max", "finite"]),
+        ({"b_min": -math.inf}, ["b_min", "finite"]),
+        ({"outside": "zero"}, ['"zero"', '"base"', '"off"']),
+        ({"curve": "keyframes"}, ["needs keyframes", "expected e.g."]),
+        ({"curve": "keyframes", "keyframes": ((0.5,),)}, ["keyframe 1", "(progress, bias) pair"]),
+    ],
+)
+def test_schedule_validation_errors(kwargs, words):
+    with pytest.raises(ValueError) as info:
+        TABSchedule(**kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_to_dict_is_strict_json_and_round_trips():
+    s = TABSchedule(curve="keyframes", keyframes="0:off, 0.4:1.5, 1:0", start_percent=0.1, outside="off")
+    data = json.loads(json.dumps(s.to_dict(), allow_nan=False))
+    assert data["keyframes"][0] == [0.0, "off"]
+    assert TABSchedule.from_dict(data) == s
+    with pytest.raises(ValueError, match="unknown keys.*'shape'"):
+        TABSchedule.from_dict({"shape": "parabolic"})
+
+
+def test_curve_points_and_plot():
+    s = TABSchedule(b_min=0.0, b_max=1.0, start_percent=0.25, end_percent=0.75, outside="off")
+    xs, ys = s.curve_points(5)
+    assert xs == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert ys[0] == -math.inf and ys[2] == pytest.approx(1.0) and ys[4] == -math.inf
+    img = plot_schedule_image([("window", s), ("fixed", TABSchedule(curve="fixed", b_max=0.3))], strength=2.0)
+    assert img.shape == (256, 512, 3) and img.dtype == np.uint8
+    assert (img == 255).all(axis=-1).mean() > 0.5  # mostly white background
+    assert (
+        (img[..., 0] == 31) & (img[..., 1] == 119) & (img[..., 2] == 180)
+    ).sum() > 100  # first curve drawn
+    assert ((img == np.array([236, 240, 248], dtype=np.uint8)).all(axis=-1)).sum() > 1000  # window shaded
+
+
+# --- progress from sigmas -------------------------------------------------------------------------
+
+
+def test_progress_from_a_simple_schedule():
+    sigmas = [10.0, 5.0, 1.0, 0.0]
+    assert progress_from_sigmas(20.0, sigmas) == 0.0
+    assert progress_from_sigmas(10.0, sigmas) == 0.0
+    assert progress_from_sigmas(5.0, sigmas) == 1 / 3
+    assert progress_from_sigmas(1.0, sigmas) == 2 / 3
+    assert progress_from_sigmas(0.0, sigmas) == 1.0
+    assert progress_from_sigmas(math.sqrt(50.0), sigmas) == pytest.approx(0.5 / 3)  # log-sigma midpoint
+    assert progress_from_sigmas(0.5, sigmas) == pytest.approx(2.5 / 3)  # linear towards 0
+    assert progress_from_sigmas(torch.tensor([5.0, 5.0]), torch.tensor(sigmas)) == 1 / 3
+    with pytest.raises(ValueError, match="1 value.*steps \\+ 1"):
+        progress_from_sigmas(1.0, [1.0])
+    with pytest.raises(ValueError, match="descending"):
+        progress_from_sigmas(1.0, [0.0, 1.0, 2.0])
+
+
+def cogvideox_model_sampling():
+    """The host's CogVideoX sampling: v-prediction DDPM, linear betas, zero terminal SNR."""
+    import_host()
+    import comfy.model_sampling
+    import comfy.supported_models
+
+    class ModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION):
+        pass
+
+    config = types.SimpleNamespace(sampling_settings=comfy.supported_models.CogVideoX_T2V.sampling_settings)
+    assert config.sampling_settings["zsnr"] is True
+    return ModelSampling(config, zsnr=True)
+
+
+@pytest.mark.host
+def test_progress_over_every_host_scheduler():
+    import_host()
+    import comfy.samplers
+
+    ms = cogvideox_model_sampling()
+    for name in comfy.samplers.SCHEDULER_NAMES:
+        for steps in (1, 7, 50):
+            if name == "kl_optimal" and steps == 1:
+                continue  # the host's kl_optimal gives [nan, 0] for one step (rejected, see below)
+            sigmas = comfy.samplers.calculate_sigmas(ms, name, steps)
+            n = len(sigmas) - 1
+            taus = [progress_from_sigmas(sigmas[i], sigmas) for i in range(n + 1)]
+            assert taus == [i / n for i in range(n + 1)], (name, steps)
+            # between steps τ rises strictly inside (i/n, (i+1)/n)
+            for i in range(n):
+                hi, lo = float(sigmas[i]), float(sigmas[i + 1])
+                if hi > lo:
+                    mid = progress_from_sigmas((hi + lo) / 2, sigmas)
+                    assert i / n < mid < (i + 1) / n, (name, steps, i)
+    nan_schedule = comfy.samplers.calculate_sigmas(ms, "kl_optimal", 1)
+    with pytest.raises(ValueError, match="NaN"):
+        progress_from_sigmas(nan_schedule[-1], nan_schedule)
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "euler"])
+def test_progress_seen_by_the_model_inside_real_host_samplers(sampler):
+    """Run the host's own k-diffusion sampler with a stub denoiser and record τ at every call."""
+    import_host()
+    import comfy.k_diffusion.sampling as kds
+    import comfy.samplers
+
+    sigmas = comfy.samplers.calculate_sigmas(cogvideox_model_sampling(), "normal", 10)
+    seen: list[float] = []
+
+    def model(x, sigma, **kwargs):
+        seen.append(progress_from_sigmas(sigma, sigmas))
+        return torch.zeros_like(x)
+
+    getattr(kds, f"sample_{sampler}")(model, torch.randn(1, 4, 2, 2) * sigmas[0], sigmas, disable=True)
+    assert seen[0] == 0.0
+    assert all(0.0 <= t <= 1.0 for t in seen)
+    assert all(a <= b for a, b in zip(seen, seen[1:])), seen  # never goes back, unlike a call counter
+    if sampler == "dpm_2":
+        # dpm_2's second evaluation sits at the log-sigma midpoint of each step: exactly half a step
+        assert seen[1] == pytest.approx(0.5 / 10, abs=1e-5)
+    if sampler == "heun":
+        assert len(seen) > 10 and seen[1] == pytest.approx(1 / 10)  # the corrector sees the next sigma
