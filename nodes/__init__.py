@@ -1,0 +1,19 @@
+"""The pack's nodes (V3 schema). Node ids and input names are an interface: never rename them."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .apply import CustomVideoXApply
+from .entity_region import CustomVideoXEntityRegion
+from .model_loader import CustomVideoXModelLoader
+from .reference_encode import CustomVideoXReferenceEncode
+from .tab_schedule import CustomVideoXTABSchedule
+
+NODES: list[type[io.ComfyNode]] = [
+    CustomVideoXModelLoader,
+    CustomVideoXReferenceEncode,
+    CustomVideoXApply,
+    CustomVideoXTABSchedule,
+    CustomVideoXEntityRegion,
+]

@@ -1,0 +1,87 @@
+"""CustomVideoXEntityRegion (ERAE): where in the video the reference is enhanced."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..cvx_core.entity_region import (
+    REFINE_MODES,
+    REGION_MODES,
+    EntityRegion,
+    entity_tokens_with_tokenizer,
+    ids_from_token_weights,
+)
+from .types import CATEGORY, CVXRegion
+
+
+def _t5_tokenizer(clip):
+    # The host's CogVideoX CLIP wraps an SD3-style tokenizer whose T5 part keeps the HF tokenizer.
+    tok = getattr(clip.tokenizer, "t5xxl", None)
+    hf = getattr(tok, "tokenizer", None)
+    if hf is None:
+        raise ValueError("CustomVideoXEntityRegion: this CLIP has no T5 tokenizer; load the T5 text encoder "
+                         "with CLIPLoader (type: cogvideox)")
+    return hf
+
+
+class CustomVideoXEntityRegion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CustomVideoXEntityRegion",
+            display_name="CustomVideoX Entity Region (ERAE)",
+            category=CATEGORY,
+            description="Entity region-aware enhancement: raise the reference bias where the subject is, found "
+                        "from the subject's words in the prompt (auto) or from a mask you draw.",
+            inputs=[
+                io.Combo.Input("mode", options=list(REGION_MODES), default="auto",
+                               tooltip="auto: from the attention to the subject word(s); mask: from the MASK input."),
+                io.Float.Input("lam", display_name="lambda", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Extra bias where the map is 1 (added to TAB's bias on reference keys)."),
+                io.Int.Input("map_block", default=2, min=0, max=99,
+                             tooltip="auto: the block whose attention gives the map; later blocks use it. Must be "
+                                     "below the model's block count (42 for 5B, 30 for 2B)."),
+                io.Combo.Input("refine", options=list(REFINE_MODES), default="soft",
+                               tooltip="soft: the map as is (the paper: no hard spatial constraint); top_k: "
+                                       "1 on the top fraction of each frame, else 0."),
+                io.Float.Input("top_k", default=0.25, min=0.01, max=1.0, step=0.01,
+                               tooltip="For refine=top_k: the fraction of each frame kept."),
+                io.Int.Input("smooth", default=0, min=0, max=15,
+                             tooltip="Spatial smoothing kernel in tokens (0 = none; odd sizes)."),
+                io.String.Input("prompt", default="", multiline=True, optional=True,
+                                tooltip="auto: the same prompt text you encode for the video."),
+                io.String.Input("subject_words", default="", optional=True,
+                                tooltip="auto: the subject's word(s) in the prompt, comma-separated (e.g. 'corgi, dog')."),
+                io.Clip.Input("clip", optional=True, tooltip="auto: the T5 CLIP, used only to tokenise the prompt."),
+                io.Mask.Input("mask", optional=True, tooltip="mask: where the subject should be (any size; 1 or "
+                                                            "one per frame)."),
+            ],
+            outputs=[
+                CVXRegion.Output(display_name="region"),
+                io.Mask.Output(display_name="map", tooltip="mask mode: the mask as used; auto mode: empty "
+                                                          "(the map is made during sampling)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, mode, lam, map_block, refine, top_k, smooth, prompt="", subject_words="", clip=None,
+                mask=None) -> io.NodeOutput:
+        common = dict(lam=lam, map_block=map_block, refine=refine, top_k=top_k, smooth=smooth)
+        if mode == "mask":
+            if mask is None:
+                raise ValueError("CustomVideoXEntityRegion: mode is 'mask' but no MASK is connected")
+            m = mask.float()
+            if m.ndim == 2:
+                m = m[None]
+            if not bool((m > 0).any()):
+                raise ValueError("CustomVideoXEntityRegion: the mask is empty (all zeros): paint the subject's "
+                                 "region, or use auto mode")
+            return io.NodeOutput(EntityRegion(mode="mask", mask=m.cpu(), **common), m)
+        if clip is None or not prompt.strip() or not subject_words.strip():
+            raise ValueError("CustomVideoXEntityRegion: auto mode needs the CLIP, the prompt and the subject "
+                             "word(s); or use mask mode")
+        words = [w.strip() for w in subject_words.split(",") if w.strip()]
+        ids = ids_from_token_weights(clip.tokenize(prompt)["t5xxl"][0])
+        idx = entity_tokens_with_tokenizer(ids, words, _t5_tokenizer(clip), prompt=prompt)
+        return io.NodeOutput(EntityRegion(mode="auto", entity_idx=tuple(idx), **common), torch.zeros(1, 64, 64))

@@ -1,0 +1,411 @@
+"""The 3D reference-attention patch on the host's native CogVideoX model (design.md §2).
+
+``apply_reference(model, entry)`` returns a patched clone of a host ``ModelPatcher``:
+
+* a DIFFUSION_MODEL wrapper that, once per model call, prepends the reference latent
+  frame(s) on T (two-way), records the token layout and the per-row biases in a copy of
+  ``transformer_options``, and slices the reference frames off the output;
+* an ``optimized_attention_override`` that chains any override already present and runs
+  :func:`cvx_core.reference_attention.reference_attention` with the call's layout;
+* an object patch of ``diffusion_model._get_rotary_emb`` (:class:`RotaryPatch`) so the
+  video keeps temporal positions 0..T-1 and references get theirs (cvx_core.rope);
+* an OUTER_SAMPLE wrapper that owns the per-run cache (one-way reference K/V) and drops
+  it when the run ends, interrupted or not; a PREPARE_SAMPLING wrapper that counts the
+  reference frames in the host's memory estimate.
+
+Several ``apply_reference`` calls stack: entries accumulate in
+``transformer_options[ENTRIES_KEY]`` and the machinery above is installed once.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+import comfy.ldm.cogvideo.model as cogvideo
+import comfy.patcher_extension as pe
+import torch
+
+from ..cvx_core import rope
+from ..cvx_core.entity_region import EntityRegion, entity_map_from_attention, mask_to_token_map, refine_map
+from ..cvx_core.reference_attention import column_bias, reference_attention
+from ..cvx_core.tab_schedule import TABSchedule, progress_from_sigmas, reference_bias, strength_to_bias
+from ..cvx_core.token_layout import TokenLayout
+
+log = logging.getLogger("customvideox")
+
+KEY = "customvideox"
+ENTRIES_KEY = "customvideox_entries"
+STATE_KEY = "customvideox_state"
+RUN_KEY = "customvideox_run"
+ROTARY_ATTR = "diffusion_model._get_rotary_emb"
+MODES = ("two_way", "one_way")
+
+# Reference token frames in front of the video during the current model call (set by the
+# wrapper, read by RotaryPatch: the host's rotary builder takes no transformer_options).
+_ref_frames: contextvars.ContextVar[tuple[int, str]] = contextvars.ContextVar("cvx_ref_frames", default=(0, "negative"))
+
+
+class PatchError(ValueError):
+    """A user-facing error: says what was given and what is expected."""
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceEntry:
+    """One CustomVideoXApply: processed reference latents ``[N, C, F, h, w]`` and settings."""
+
+    latent: torch.Tensor
+    strength: float = 1.0
+    schedule: TABSchedule | None = None
+    region: EntityRegion | None = None
+    block_start: int = 0
+    block_end: int = -1
+    apply_to_uncond: bool = True
+    mode: str = "two_way"
+    ref_rope: str = "negative"
+
+    @property
+    def count(self) -> int:
+        return self.latent.shape[0]
+
+    def bias(self, progress: float) -> float:
+        if self.schedule is None:
+            return strength_to_bias(self.strength)
+        return reference_bias(self.schedule, progress, self.strength)
+
+    def in_range(self, block: int, num_blocks: int) -> bool:
+        end = num_blocks - 1 if self.block_end < 0 else self.block_end
+        return self.block_start <= block <= end
+
+
+class RotaryPatch:
+    """Replaces the host's ``_get_rotary_emb``: exact or host spatial positions, references first."""
+
+    def __init__(self, dm: torch.nn.Module, spatial: str):
+        if spatial not in rope.SPATIAL_MODES:
+            raise PatchError(f"RoPE mode {spatial!r} is not one of {rope.SPATIAL_MODES}")
+        self.spatial = spatial
+        self.head_dim = dm.attention_head_dim
+        self.temporal_patch = dm.patch_size_t is not None
+        self.base_hw = (dm.patch_embed.sample_height // dm.patch_size, dm.patch_embed.sample_width // dm.patch_size)
+        self.scale = dm.spatial_interpolation_scale
+
+    def table(self, h: int, w: int, ref_frames: int, video_frames: int, ref_rope: str,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        hp, wp = rope.spatial_positions(h, w, temporal_patch=self.temporal_patch, spatial=self.spatial,
+                                        base_hw=self.base_hw, interpolation_scale=self.scale, device=device)
+        tp = rope.temporal_positions(ref_frames, video_frames, ref_rope, device=device)
+        return rope.rotary_table(self.head_dim, tp, hp, wp,
+                                 unrotated_frames=ref_frames if ref_rope == "none" else 0)
+
+    def __call__(self, h: int, w: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        ref_frames, ref_rope = _ref_frames.get()
+        return self.table(h, w, ref_frames, t - ref_frames, ref_rope, device)
+
+
+def install_rotary(model, spatial: str):
+    """Return a clone of ``model`` whose rotary positions follow ``spatial`` ("exact"/"host")."""
+    m = model.clone()
+    m.add_object_patch(ROTARY_ATTR, RotaryPatch(m.get_model_object("diffusion_model"), spatial))
+    return m
+
+
+@dataclass
+class ForwardState:
+    """Everything one model call needs, built once by the wrapper and read by every block."""
+
+    entries: list[ReferenceEntry]
+    layout: TokenLayout
+    row_bias: torch.Tensor  # [B, n_refs] for blocks where every entry is in range
+    ref_owner: list[int]  # entry index of each reference
+    num_blocks: int
+    cond_row: int = 0
+    ref_kv: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # one-way: per entry, per block
+    region_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # entry -> [B, Sv]
+    masks: dict[tuple[bool, ...], torch.Tensor | None] = field(default_factory=dict)
+    block: int = 0
+
+    def block_bias(self, active: tuple[bool, ...]) -> torch.Tensor:
+        bias = self.row_bias.clone()
+        for j, owner in enumerate(self.ref_owner):
+            if not active[owner]:
+                bias[:, j] = -math.inf
+        return bias
+
+
+def _row_bias(entries: list[ReferenceEntry], progress: float, cond_or_uncond: list[int], batch: int,
+              device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    rows = torch.zeros(batch, dtype=torch.long)
+    if cond_or_uncond:
+        per = batch // len(cond_or_uncond)
+        for i, c in enumerate(cond_or_uncond):
+            rows[i * per:(i + 1) * per] = c
+    cols, owner = [], []
+    for e_i, e in enumerate(entries):
+        b = e.bias(progress)
+        col = torch.full((batch,), b)
+        if not e.apply_to_uncond:
+            col[rows == 1] = -math.inf
+        cols += [col] * e.count
+        owner += [e_i] * e.count
+    return torch.stack(cols, dim=1).to(device), owner
+
+
+def _timestep_embedding(dm, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t_emb = cogvideo.get_timestep_embedding(timestep, dm.time_proj_dim, dm.time_proj_flip, dm.time_proj_shift)
+    return dm.time_embedding_linear_2(dm.time_embedding_act(dm.time_embedding_linear_1(t_emb.to(dtype))))
+
+
+def reference_stream_kv(dm, latent: torch.Tensor, context: torch.Tensor, ref_rope: str, rotary: RotaryPatch,
+                        ofs: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One-way mode: run ``[text | reference]`` through every block with timestep 0 (clean;
+    design.md §1 [reconstructed]) and keep each block's reference K/V (post-RoPE).
+
+    Returns per block a pair of ``[1, H, N*R, D]`` tensors. The references attend to
+    themselves and the text only, so this does not depend on the sampling step.
+    """
+    n, _, f, h, w = latent.shape
+    kv: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in dm.blocks]
+    for i in range(n):
+        x = latent[i:i + 1].permute(0, 2, 1, 3, 4)
+        hidden = dm.patch_embed(context, x)
+        text = context.shape[1]
+        enc, hid = hidden[:, :text], hidden[:, text:]
+        temb = _timestep_embedding(dm, torch.zeros(1, device=x.device), x.dtype)
+        if dm.ofs_embedding_linear_1 is not None and ofs is not None:
+            o = cogvideo.get_timestep_embedding(ofs[:1], dm.ofs_proj_dim, dm.time_proj_flip, dm.time_proj_shift)
+            temb = temb + dm.ofs_embedding_linear_2(dm.ofs_embedding_act(dm.ofs_embedding_linear_1(o.to(x.dtype))))
+        frames = f // (dm.patch_size_t or 1)
+        rot = rotary.table(h // dm.patch_size, w // dm.patch_size, frames, 0, ref_rope, x.device) \
+            if dm.use_rotary_positional_embeddings else None
+
+        def capture(func, q, k, v, *args, _text=text, **kw):
+            heads = kw.get("heads", args[0] if args else None)
+            b, s, _ = k.shape
+            kv_k = k.view(b, s, heads, -1).transpose(1, 2)[:, :, _text:]
+            kv_v = v.view(b, s, heads, -1).transpose(1, 2)[:, :, _text:]
+            kv[capture.block].append((kv_k, kv_v))
+            capture.block += 1
+            return func(q, k, v, *args, **kw)
+
+        capture.block = 0
+        opts = {"optimized_attention_override": capture}
+        for block in dm.blocks:
+            hid, enc = block(hidden_states=hid, encoder_hidden_states=enc, temb=temb, image_rotary_emb=rot,
+                             transformer_options=opts)
+    return [(torch.cat([p[0] for p in blk], dim=2), torch.cat([p[1] for p in blk], dim=2)) for blk in kv]
+
+
+def _check_geometry(entries: list[ReferenceEntry], x: torch.Tensor, dm) -> None:
+    _, c, t, h, w = x.shape
+    if h % dm.patch_size or w % dm.patch_size:
+        raise PatchError(f"CustomVideoX: the video latent is {h}x{w}, which is {h * 8}x{w * 8} pixels; width and "
+                         f"height must be multiples of {8 * dm.patch_size} pixels (e.g. 480x720)")
+    for e in entries:
+        _, rc, _, rh, rw = e.latent.shape
+        if rc != c:
+            raise PatchError(f"CustomVideoX: the reference latent has {rc} channels, the model takes {c}: encode "
+                             f"the reference with this model's CogVideoX VAE")
+        if (rh, rw) != (h, w):
+            raise PatchError(f"CustomVideoX: the reference was encoded at {rw * 8}x{rh * 8} pixels but the video is "
+                             f"{w * 8}x{h * 8}: set CustomVideoXReferenceEncode's width/height to the video's")
+
+
+def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, **kwargs):
+    entries: list[ReferenceEntry] = transformer_options.get(ENTRIES_KEY) or []
+    dm = executor.class_obj
+    if not entries:
+        return executor(x, timestep, context, ofs, transformer_options, **kwargs)
+    _check_geometry(entries, x, dm)
+    sigmas, sample_sigmas = transformer_options.get("sigmas"), transformer_options.get("sample_sigmas")
+    progress = 0.0 if sigmas is None or sample_sigmas is None else \
+        progress_from_sigmas(float(sigmas.max()), sample_sigmas)
+    row_bias, owner = _row_bias(entries, progress, transformer_options.get("cond_or_uncond") or [],
+                                x.shape[0], x.device)
+    if bool(torch.isneginf(row_bias).all()):
+        # Every reference is off for every row: the exact base model, no extra tokens.
+        return executor(x, timestep, context, ofs, transformer_options, **kwargs)
+
+    p_t = dm.patch_size_t or 1
+    _, _, t, h, w = x.shape
+    grid = (math.ceil(t / p_t), h // dm.patch_size, w // dm.patch_size)
+    per_ref = (h // dm.patch_size) * (w // dm.patch_size)
+    refs = tuple(per_ref * (e.latent.shape[2] // p_t) for e in entries for _ in range(e.count))
+    one_way = entries[0].mode == "one_way"
+    layout = TokenLayout(text=context.shape[1], refs=refs, grid=grid, refs_in_queries=not one_way)
+    cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
+    cond_row = cond_or_uncond.index(0) * (x.shape[0] // len(cond_or_uncond)) if 0 in cond_or_uncond else 0
+    state = ForwardState(entries=entries, layout=layout, row_bias=row_bias, ref_owner=owner,
+                         num_blocks=len(dm.blocks), cond_row=cond_row)
+
+    for e_i, e in enumerate(entries):
+        if e.region is not None and e.region.mode == "mask":
+            m = mask_to_token_map(e.region.mask, grid).to(x.device, torch.float32)
+            state.region_maps[e_i] = refine_map(m[None].expand(x.shape[0], -1), grid, e.region.refine,
+                                                e.region.top_k, e.region.smooth)
+
+    opts = dict(transformer_options)
+    opts[STATE_KEY] = state
+    if one_way:
+        state.ref_kv = _one_way_kv(dm, entries, context, transformer_options, ofs, x, cond_row)
+        return executor(x, timestep, context, ofs, opts, **kwargs)
+
+    ref_x = [e.latent[i:i + 1].to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1, -1)
+             for e in entries for i in range(e.count)]
+    ref_frames = sum(r.shape[2] for r in ref_x)
+    token = _ref_frames.set((ref_frames // p_t, entries[0].ref_rope))
+    try:
+        out = executor(torch.cat(ref_x + [x], dim=2), timestep, context, ofs, opts, **kwargs)
+    finally:
+        _ref_frames.reset(token)
+    return out[:, :, ref_frames:]
+
+
+def _one_way_kv(dm, entries, context, transformer_options, ofs, x, cond_row: int):
+    run: dict | None = transformer_options.get(RUN_KEY)
+    rotary = dm._get_rotary_emb if hasattr(dm._get_rotary_emb, "table") else RotaryPatch(dm, "host")
+    text = context[cond_row:cond_row + 1]
+    out = []
+    for e in entries:
+        key = (id(e), text.data_ptr(), tuple(text.shape), x.device, x.dtype)
+        kv = run.get(key) if run is not None else None
+        if kv is None:
+            kv = reference_stream_kv(dm, e.latent.to(x.device, x.dtype), text, e.ref_rope, rotary, ofs)
+            if run is not None:
+                run[key] = kv
+        out.append(kv)
+    # Per block: one (k, v) per reference, in entry order.
+    return [[(k[:, :, j * r:(j + 1) * r], v[:, :, j * r:(j + 1) * r])
+             for e, blocks in zip(entries, out) for k, v in [blocks[b]]
+             for r in [k.shape[2] // e.count] for j in range(e.count)]
+            for b in range(len(dm.blocks))]
+
+
+class AttentionOverride:
+    """The ``optimized_attention_override``: reference attention, chained onto ``prev``."""
+
+    def __init__(self, prev=None):
+        self.prev = prev
+        if prev is not None and not _takes_mask(prev):
+            log.warning("CustomVideoX: the attention override already on this model (%r) takes no `mask`; "
+                        "reference biases may be ignored by it", prev)
+
+    def __call__(self, func, *args, **kwargs):
+        call = partial(self.prev, func) if self.prev is not None else func
+        opts = kwargs.get("transformer_options") or {}
+        state: ForwardState | None = opts.get(STATE_KEY)
+        if state is None:
+            return call(*args, **kwargs)
+        q, k, v = args[:3]
+        heads = kwargs.pop("heads") if "heads" in kwargs else args[3]
+        rest = args[4:]
+        if kwargs.get("mask") is not None:
+            raise PatchError("CustomVideoX: another patch passes an attention mask to CogVideoX; "
+                             "combining it with reference attention is not supported")
+        kwargs.pop("mask", None)
+        block = state.block
+        state.block += 1
+        skip_reshape = kwargs.pop("skip_reshape", False)
+        skip_out = kwargs.pop("skip_output_reshape", False)
+        if not skip_reshape:
+            b, s, _ = q.shape
+            q, k, v = (t.view(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        layout = state.layout
+        active = tuple(e.in_range(block, state.num_blocks) for e in state.entries)
+        if active not in state.masks:
+            state.masks[active] = column_bias(layout, state.block_bias(active), q.dtype)
+        region = self._region(state, block, active, q, k)
+        ref_kv = None
+        if state.ref_kv is not None:
+            ref_kv = state.ref_kv[block]
+
+        def attn(q_, k_, v_, mask):
+            return call(q_, k_, v_, heads, *rest, mask=mask, skip_reshape=True, skip_output_reshape=True, **kwargs)
+
+        out = reference_attention(q, k, v, layout, state.row_bias, region, ref_kv, attn=attn,
+                                  mask=state.masks[active])
+        if skip_out:
+            return out
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+    @staticmethod
+    def _region(state: ForwardState, block: int, active, q, k) -> torch.Tensor | None:
+        layout = state.layout
+        for e_i, e in enumerate(state.entries):
+            r = e.region
+            if r is None or r.mode != "auto" or block != r.map_block:
+                continue
+            vs = layout.video_query_start
+            m = entity_map_from_attention(q, k, (0, layout.text), (vs, vs + layout.video), r.entity_idx,
+                                          layout.grid)
+            # Only a cond row's prompt holds the entity: its map serves every row.
+            m = m[state.cond_row:state.cond_row + 1].expand(q.shape[0], -1)
+            state.region_maps[e_i] = refine_map(m, layout.grid, r.refine, r.top_k, r.smooth)
+        cols = []
+        any_region = False
+        for e_i, e in enumerate(state.entries):
+            m = state.region_maps.get(e_i)
+            use = m is not None and active[e_i] and not (e.region.mode == "auto" and block <= e.region.map_block)
+            for _ in range(e.count):
+                cols.append(m * e.region.lam if use else None)
+            any_region |= use
+        if not any_region:
+            return None
+        zeros = torch.zeros(q.shape[0], layout.video, device=q.device)
+        return torch.stack([c if c is not None else zeros for c in cols], dim=1)
+
+
+def _takes_mask(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "mask" or p.kind == p.VAR_KEYWORD for p in params)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """Owns the per-run cache; it is dropped when sampling ends, however it ends."""
+    opts = executor.class_obj.model_options.setdefault("transformer_options", {})
+    opts[RUN_KEY] = {}
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        opts.pop(RUN_KEY, None)
+
+
+def prepare_sampling_wrapper(executor, model, noise_shape, *args, **kwargs):
+    """Count the reference frames in the host's memory estimate (as extra latent frames)."""
+    entries = model.model_options.get("transformer_options", {}).get(ENTRIES_KEY) or []
+    extra = sum(e.latent.shape[2] * e.count for e in entries if e.mode == "two_way")
+    if extra and len(noise_shape) == 5:
+        noise_shape = torch.Size([*noise_shape[:2], noise_shape[2] + extra, *noise_shape[3:]])
+    return executor(model, noise_shape, *args, **kwargs)
+
+
+def apply_reference(model, entry: ReferenceEntry):
+    """A patched clone of ``model`` with ``entry`` added (the input model is not changed)."""
+    if entry.mode not in MODES:
+        raise PatchError(f"attention mode {entry.mode!r} is not one of {MODES}")
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+    entries = list(to.get(ENTRIES_KEY) or [])
+    if entries and entries[0].mode != entry.mode:
+        raise PatchError(f"CustomVideoX: this model already has a {entries[0].mode} reference; all "
+                         f"CustomVideoXApply nodes on one model must use the same attention mode")
+    to[ENTRIES_KEY] = entries + [entry]
+    if not m.get_wrappers(pe.WrappersMP.DIFFUSION_MODEL, KEY):
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY, diffusion_wrapper)
+        m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
+        m.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, KEY, prepare_sampling_wrapper)
+        to["optimized_attention_override"] = AttentionOverride(to.get("optimized_attention_override"))
+        existing = m.object_patches.get(ROTARY_ATTR)
+        if existing is None or not hasattr(existing, "table"):  # keep the loader's RotaryPatch (its mode)
+            if existing is not None:
+                log.warning("CustomVideoX: replacing another patch of %s (%r) with the pack's RoPE table",
+                            ROTARY_ATTR, existing)
+            m.add_object_patch(ROTARY_ATTR, RotaryPatch(m.get_model_object("diffusion_model"), "host"))
+    return m

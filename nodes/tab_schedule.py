@@ -1,0 +1,52 @@
+"""CustomVideoXTABSchedule: the time-aware reference bias curve, and a plot of it."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..cvx_core.tab_schedule import CURVES, OUTSIDE_MODES, TABSchedule, parse_keyframes, plot_schedule_image
+from .types import CATEGORY, CVXSchedule
+
+
+class CustomVideoXTABSchedule(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CustomVideoXTABSchedule",
+            display_name="CustomVideoX TAB Schedule",
+            category=CATEGORY,
+            description="Time-aware reference bias (TAB): how strongly the video attends to the reference over "
+                        "the sampling run. Bias b multiplies the reference's attention weight by e^b.",
+            inputs=[
+                io.Combo.Input("curve", options=list(CURVES), default="parabolic",
+                               tooltip="parabolic: low at start and end, b_max in the middle (the paper's TAB); "
+                                       "fixed: b_max throughout; linear ramps; keyframes: your own curve."),
+                io.Float.Input("b_min", default=0.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="Bias at the ends of the curve (0 = unchanged attention)."),
+                io.Float.Input("b_max", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="Bias at the peak (1.0 = reference weight x2.7). Too high kills motion."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Sampling progress where the curve starts (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Sampling progress where the curve ends (1 = last step)."),
+                io.Combo.Input("outside", options=list(OUTSIDE_MODES), default="base",
+                               tooltip="Outside start/end: 'base' keeps the reference at plain strength, "
+                                       "'off' switches it off."),
+                io.String.Input("keyframes", default="0:0, 0.5:1, 1:0", multiline=False,
+                                tooltip="For curve=keyframes: 'progress:bias' pairs inside the window, e.g. "
+                                        "'0:0, 0.5:1, 1:0'. 'off' as a bias switches the reference off."),
+            ],
+            outputs=[
+                CVXSchedule.Output(display_name="schedule"),
+                io.Image.Output(display_name="plot", tooltip="Bias over sampling progress."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, curve, b_min, b_max, start_percent, end_percent, outside, keyframes) -> io.NodeOutput:
+        kf = parse_keyframes(keyframes) if curve == "keyframes" else ()
+        schedule = TABSchedule(curve=curve, b_min=b_min, b_max=b_max, start_percent=start_percent,
+                               end_percent=end_percent, outside=outside, keyframes=kf)
+        plot = torch.from_numpy(plot_schedule_image([(curve, schedule)])).float().div(255.0)[None]
+        return io.NodeOutput(schedule, plot)

@@ -1,0 +1,24 @@
+"""The pack's custom socket types and the data they carry between nodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io
+
+CVXReference = io.Custom("CVX_REFERENCE")
+CVXSchedule = io.Custom("CVX_SCHEDULE")
+CVXRegion = io.Custom("CVX_REGION")
+
+CATEGORY = "CustomVideoX"
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedReference:
+    """What CustomVideoXReferenceEncode gives: raw VAE latents ``[N, C, 1, h, w]`` (one per
+    reference image) and the pixel size they were encoded at."""
+
+    latent: torch.Tensor
+    width: int
+    height: int

@@ -1,0 +1,90 @@
+"""The patch on the host's native CogVideoX against diffusers' transformer (the independent peer).
+
+With exact RoPE, strength 1 (no bias) and the reference at temporal position 0 ("shift"), the
+patched host model must compute exactly what diffusers computes when the reference latent is
+simply one more frame in front of the video: that is what 3D reference attention is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import tiny_models as tm
+import torch
+
+
+def pack_module(host, name: str):
+    pkg = host.node_classes["CustomVideoXApply"].__module__.rsplit(".nodes", 1)[0]
+    return importlib.import_module(f"{pkg}.{name}")
+
+
+def patched_forward(host, model, raw_ref, x, t, ctx, **apply_kw):
+    rp = pack_module(host, "nodes.reference_patch")
+    types = pack_module(host, "nodes.types")
+    import comfy.model_management
+
+    args = dict(strength=1.0, block_start=0, block_end=-1, apply_to_uncond=True, attention_mode="two_way",
+                reference_rope="shift")
+    args.update(apply_kw)
+    ref = types.EncodedReference(latent=raw_ref, width=x.shape[-1] * 8, height=x.shape[-2] * 8)
+    patched = host.node_classes["CustomVideoXApply"].execute(
+        model=rp.install_rotary(model, "exact"), reference=ref, **args).result[0]
+    comfy.model_management.load_models_gpu([patched])
+    opts = dict(patched.model_options["transformer_options"])
+    opts["wrappers"] = patched.wrappers
+    with torch.no_grad():
+        return patched, patched.model.diffusion_model(x, t, ctx, transformer_options=opts)
+
+
+@pytest.mark.parametrize("kind,config,frames", [("native_1_0", tm.TINY_CONFIG_1_0, 3),
+                                                ("native_1_5", tm.TINY_CONFIG_1_5, 4)])
+def test_patched_host_model_equals_diffusers_with_reference_as_extra_frame(host, tiny_models, kind, config, frames):
+    import comfy.sd
+
+    sd = tiny_models.native_state_dict(kind)
+    model = comfy.sd.load_diffusion_model_state_dict(sd)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, frames, 8, 10, generator=g)
+    raw_ref = torch.randn(1, 16, 1, 8, 10, generator=g)
+    ctx = torch.randn(2, 226, 32, generator=g)
+    t = torch.tensor([700.0, 700.0])
+    patched, ours = patched_forward(host, model, raw_ref, x, t, ctx)
+
+    ref = patched.model.latent_format.process_in(raw_ref)
+    ref = ref.repeat(1, 1, config.get("patch_size_t") or 1, 1, 1).expand(2, -1, -1, -1, -1)
+    peer = tm.build_diffusers_model(tiny_models.native_state_dict(kind), config)  # the host consumed `sd`
+    want = tm.diffusers_forward(peer, torch.cat([ref, x], dim=2), t, ctx, config)[:, :, ref.shape[2]:]
+    assert ours.shape == x.shape
+    assert torch.allclose(ours, want, atol=2e-5), (ours - want).abs().max()
+
+
+def test_reference_off_through_the_patch_equals_diffusers_stock(host, tiny_models):
+    """Negative reference position, strength 0 but one finite row: the masked path, not the shortcut."""
+    import comfy.sd
+
+    sd = tiny_models.native_state_dict("native_1_0")
+    model = comfy.sd.load_diffusion_model_state_dict(sd)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 3, 8, 10, generator=g)
+    ctx = torch.randn(2, 226, 32, generator=g)
+    t = torch.tensor([300.0, 300.0])
+    # Row 0 is cond (reference on), row 1 uncond with apply_to_uncond off (reference masked).
+    rp = pack_module(host, "nodes.reference_patch")
+    types = pack_module(host, "nodes.types")
+    import comfy.model_management
+
+    ref = types.EncodedReference(latent=torch.randn(1, 16, 1, 8, 10, generator=g), width=80, height=64)
+    patched = host.node_classes["CustomVideoXApply"].execute(
+        model=rp.install_rotary(model, "exact"), reference=ref, strength=1.0, block_start=0, block_end=-1,
+        apply_to_uncond=False, attention_mode="two_way", reference_rope="negative").result[0]
+    comfy.model_management.load_models_gpu([patched])
+    opts = dict(patched.model_options["transformer_options"], wrappers=patched.wrappers, cond_or_uncond=[0, 1])
+    with torch.no_grad():
+        ours = patched.model.diffusion_model(x, t, ctx, transformer_options=opts)
+    peer = tm.build_diffusers_model(tiny_models.native_state_dict("native_1_0"))
+    stock = tm.diffusers_forward(peer, x, t, ctx)
+    assert torch.allclose(ours[1], stock[1], atol=2e-5), (ours[1] - stock[1]).abs().max()
+    assert (ours[0] - stock[0]).abs().max() > 1e-4
+    assert not math.isnan(float(ours.sum()))
