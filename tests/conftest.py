@@ -1,0 +1,95 @@
+"""Session fixtures: tiny random models, the real host in-process (``host``) and as a server (``server``).
+
+The host's CLI args are parsed here, at import, before any test module can import
+``comfy.model_management`` (it reads ``--cpu`` when first imported).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import host as _host  # noqa: E402
+
+_host.bootstrap_host_args()
+import tiny_models as _tiny  # noqa: E402  (scripts/, put on sys.path by the bootstrap)
+
+
+@dataclass
+class TinyModels:
+    """The tiny set as files and as the names the host's loaders list them by."""
+
+    models_dir: Path
+    paths: dict[str, Path]  # kind -> path (see scripts/tiny_models.py build_tiny_model_set)
+    unet: str  # native CogVideoX 1.0, for UNETLoader / the pack's loader
+    unet_1_5: str  # native CogVideoX 1.5 (patch_size_t=2)
+    diffusers_single: str  # diffusers key layout, one file
+    diffusers_sharded: str  # folder with shards + index json + config.json, as "name/"
+    vae: str  # for VAELoader
+
+    def native_state_dict(self, kind: str = "native_1_0") -> dict:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.paths[kind]))
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cvx_models")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_models_dir: Path) -> TinyModels:
+    paths = _tiny.build_tiny_model_set(tiny_models_dir, seed=0)
+
+    def rel(kind: str, folder: str) -> str:
+        return paths[kind].relative_to(tiny_models_dir / folder).as_posix()
+
+    return TinyModels(
+        models_dir=tiny_models_dir,
+        paths=paths,
+        unet=rel("native_1_0", "diffusion_models"),
+        unet_1_5=rel("native_1_5", "diffusion_models"),
+        diffusers_single=rel("diffusers_single", "diffusion_models"),
+        # Folders are listed with a trailing separator by the pack's loader (nodes/model_loader.py).
+        diffusers_sharded=rel("diffusers_sharded", "diffusion_models") + "/",
+        vae=rel("vae", "vae"),
+    )
+
+
+@pytest.fixture(scope="session")
+def host_env(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> _host.HostEnv:
+    return _host.HostEnv.create(tmp_path_factory.mktemp("cvx_host"), tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def host(host_env: _host.HostEnv) -> Iterator[_host.InProcessHost]:
+    h = _host.InProcessHost(host_env).start()
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="session")
+def server_env(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> _host.HostEnv:
+    return _host.HostEnv.create(tmp_path_factory.mktemp("cvx_server"), tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
+def server(server_env: _host.HostEnv) -> Iterator[_host.ServerProcess]:
+    srv = _host.ServerProcess(server_env).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    srv = getattr(item, "funcargs", {}).get("server")
+    if report.failed and isinstance(srv, _host.ServerProcess):
+        report.sections.append(("ComfyUI server log (tail)", srv.log_tail()))
