@@ -43,6 +43,9 @@ ENTRIES_KEY = "customvideox_entries"
 STATE_KEY = "customvideox_state"
 RUN_KEY = "customvideox_run"
 ROTARY_ATTR = "diffusion_model._get_rotary_emb"
+# Set in the block options of the one-way reference pass: every image token there is a reference token
+# (read by nodes/reference_block.py, which applies reference-branch LoRAs to those rows).
+REFERENCE_STREAM_KEY = "customvideox_reference_stream"
 MODES = ("two_way", "one_way")
 
 # Reference token frames in front of the video during the current model call (set by the
@@ -161,12 +164,15 @@ def _timestep_embedding(dm, timestep: torch.Tensor, dtype: torch.dtype) -> torch
 
 
 def reference_stream_kv(dm, latent: torch.Tensor, context: torch.Tensor, ref_rope: str, rotary: RotaryPatch,
-                        ofs: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                        ofs: torch.Tensor | None, block_opts: dict | None = None
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One-way mode: run ``[text | reference]`` through every block with timestep 0 (clean;
     design.md §1 [reconstructed]) and keep each block's reference K/V (post-RoPE).
 
     Returns per block a pair of ``[1, H, N*R, D]`` tensors. The references attend to
     themselves and the text only, so this does not depend on the sampling step.
+    ``block_opts``: the model call's transformer_options, passed on to the blocks (with this
+    pass's attention override and :data:`REFERENCE_STREAM_KEY`) so block patches see them.
     """
     n, _, f, h, w = latent.shape
     kv: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in dm.blocks]
@@ -193,7 +199,7 @@ def reference_stream_kv(dm, latent: torch.Tensor, context: torch.Tensor, ref_rop
             return func(q, k, v, *args, **kw)
 
         capture.block = 0
-        opts = {"optimized_attention_override": capture}
+        opts = {**(block_opts or {}), "optimized_attention_override": capture, REFERENCE_STREAM_KEY: True}
         for block in dm.blocks:
             hid, enc = block(hidden_states=hid, encoder_hidden_states=enc, temb=temb, image_rotary_emb=rot,
                              transformer_options=opts)
@@ -266,17 +272,21 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
 
 
 def _one_way_kv(dm, entries, context, transformer_options, ofs, x, cond_row: int):
-    run: dict | None = transformer_options.get(RUN_KEY)
+    run: dict | None = getattr(transformer_options.get(RUN_KEY), "kv", None)
     rotary = dm._get_rotary_emb if hasattr(dm._get_rotary_emb, "table") else RotaryPatch(dm, "host")
     text = context[cond_row:cond_row + 1]
     out = []
     for e in entries:
-        key = (id(e), text.data_ptr(), tuple(text.shape), x.device, x.dtype)
-        kv = run.get(key) if run is not None else None
-        if kv is None:
-            kv = reference_stream_kv(dm, e.latent.to(x.device, x.dtype), text, e.ref_rope, rotary, ofs)
+        # The sampler rebuilds the conditioning batch every step: compare the text by value.
+        key = (id(e), x.device, x.dtype)
+        hit = run.get(key) if run is not None else None
+        if hit is not None and hit[0].shape == text.shape and torch.equal(hit[0], text):
+            kv = hit[1]
+        else:
+            kv = reference_stream_kv(dm, e.latent.to(x.device, x.dtype), text, e.ref_rope, rotary, ofs,
+                                     block_opts=transformer_options)
             if run is not None:
-                run[key] = kv
+                run[key] = (text.clone(), kv)
         out.append(kv)
     # Per block: one (k, v) per reference, in entry order.
     return [[(k[:, :, j * r:(j + 1) * r], v[:, :, j * r:(j + 1) * r])
@@ -367,10 +377,18 @@ def _takes_mask(fn) -> bool:
     return any(p.name == "mask" or p.kind == p.VAR_KEYWORD for p in params)
 
 
+class RunCache:
+    """Per sampling run: one-way reference K/V by entry. Not a dict, so the host's per-call
+    copies of transformer_options share it instead of copying it."""
+
+    def __init__(self) -> None:
+        self.kv: dict = {}
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     """Owns the per-run cache; it is dropped when sampling ends, however it ends."""
     opts = executor.class_obj.model_options.setdefault("transformer_options", {})
-    opts[RUN_KEY] = {}
+    opts[RUN_KEY] = RunCache()
     try:
         return executor(*args, **kwargs)
     finally:
