@@ -11,10 +11,10 @@ interleaved (cos, sin) pairs. What differs between implementations is the *posit
 * ``spatial="host"`` reproduces the host's port, which multiplies CogVideoX 1.0 spatial
   positions by ``spatial_interpolation_scale`` (1.875 by default; design.md §2).
 
-Reference frames get temporal positions by ``ref_rope`` (design.md §1, [reconstructed]):
-``"negative"`` (default: references at -R..-1, the video keeps 0..T-1, so the video's own
-attention is unchanged), ``"shift"`` (references at 0..R-1, the video shifted to R..R+T-1),
-or ``"none"`` (reference tokens are not rotated at all).
+Reference token frames get one shared temporal position by ``ref_rope`` (design.md §1,
+[reconstructed]): ``"negative"`` (default: -1, the video keeps 0..T-1, so the video's own
+attention is unchanged), ``"shift"`` (0, the video shifted to 1..T), or ``"none"``
+(reference tokens are not rotated at all).
 """
 
 from __future__ import annotations
@@ -73,22 +73,21 @@ def spatial_positions(
             torch.linspace(left, right * (w - 1) / w, w, **f32))
 
 
-def temporal_positions(ref_frames: int, video_frames: int, ref_rope: str = "negative",
+def temporal_positions(refs: int, video_frames: int, ref_rope: str = "negative",
                        device: torch.device | None = None) -> torch.Tensor:
-    """Temporal positions of ``ref_frames`` reference frames followed by the video's frames.
+    """Temporal positions of ``refs`` reference token frames followed by the video's frames.
 
-    Frames are counted after the temporal patch (one per token frame). With ``"none"`` the
-    reference frames get position 0 here; :func:`rotary_table` then leaves them unrotated.
+    Every reference shares one temporal slot ([reconstructed]): adding, removing or reordering
+    references never moves another reference or the video, so stacked references are
+    independent. With ``"none"`` the references get position 0 here; :func:`rotary_table`
+    then leaves them unrotated.
     """
     if ref_rope not in REF_ROPE_MODES:
         raise ValueError(f"reference RoPE mode {ref_rope!r} is not one of {REF_ROPE_MODES}")
     video = torch.arange(video_frames, dtype=torch.float32, device=device)
-    refs = torch.arange(ref_frames, dtype=torch.float32, device=device)
-    if ref_rope == "negative":
-        return torch.cat([refs - ref_frames, video])
-    if ref_rope == "shift":
-        return torch.cat([refs, video + ref_frames])
-    return torch.cat([torch.zeros_like(refs), video])
+    slot = {"negative": -1.0, "shift": 0.0, "none": 0.0}[ref_rope]
+    refs_t = torch.full((refs,), slot, dtype=torch.float32, device=device)
+    return torch.cat([refs_t, video + (1.0 if ref_rope == "shift" else 0.0)])
 
 
 def rotary_table(
