@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from .apply import CustomVideoXApply
 from .entity_region import CustomVideoXEntityRegion
+from .evaluate import CustomVideoXEvaluate
 from .model_loader import CustomVideoXModelLoader
 from .reference_encode import CustomVideoXReferenceEncode
 from .tab_schedule import CustomVideoXTABSchedule
@@ -16,4 +17,5 @@ NODES: list[type[io.ComfyNode]] = [
     CustomVideoXApply,
     CustomVideoXTABSchedule,
     CustomVideoXEntityRegion,
+    CustomVideoXEvaluate,
 ]

@@ -47,11 +47,12 @@ if [ ! -f "$COMFY/.stamp-extracted" ]; then
 fi
 
 if [ ! -f "$VENV/.stamp-host-reqs" ] || [ "$COMFY/requirements.txt" -nt "$VENV/.stamp-host-reqs" ] \
-   || [ "$ROOT/requirements-dev.txt" -nt "$VENV/.stamp-host-reqs" ]; then
+   || [ "$ROOT/requirements-dev.txt" -nt "$VENV/.stamp-host-reqs" ] \
+   || [ "$ROOT/requirements-eval.txt" -nt "$VENV/.stamp-host-reqs" ]; then
   log "installing the host's requirements and the test tools (torch kept at 2.9.1)"
   printf 'torch==2.9.1\ntorchvision==0.24.1\n' > "$HOST_DIR/constraints.txt"
   "${PIP[@]}" install -c "$HOST_DIR/constraints.txt" -r "$COMFY/requirements.txt" \
-    -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
+    -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" -r "$ROOT/requirements-eval.txt"
   touch "$VENV/.stamp-host-reqs"
 fi
 

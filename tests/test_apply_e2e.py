@@ -121,3 +121,17 @@ def test_reference_encode_and_apply_through_the_executor(host, tiny_models):
     assert (on - base).abs().max() > 1e-4
     encoded = off.output("enc", 1)
     assert encoded.shape == (1, 64, 80, 3)  # 120x90 padded into 80x64, exactly what was encoded
+
+
+def test_reference_frames_are_counted_in_the_host_memory_estimate(host, sampler, monkeypatch):
+    import comfy.sampler_helpers as sh
+
+    model, sample = sampler
+    shapes = []
+    real = sh.estimate_memory
+    monkeypatch.setattr(sh, "estimate_memory", lambda m, shape, conds: shapes.append(tuple(shape)) or
+                        real(m, shape, conds))
+    sample(model)
+    sample(apply(host, model, latent=torch.randn(2, 16, 1, 8, 10)))
+    assert shapes[0] == (1, 16, 3, 8, 10)
+    assert shapes[1] == (1, 16, 5, 8, 10)  # two reference frames in front of three video frames

@@ -35,6 +35,7 @@ PACK_NODE_IDS = [
     "CustomVideoXApply",
     "CustomVideoXTABSchedule",
     "CustomVideoXEntityRegion",
+    "CustomVideoXEvaluate",
 ]
 TEST_NODE_IDS = ["CVXTestTextConditioning", "CVXTestImage", "CVXTestSaveTensor"]
 HOST_ARGV = ["--cpu"]
