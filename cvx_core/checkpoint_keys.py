@@ -132,7 +132,7 @@ def read_checkpoint(path: str | Path, return_metadata: bool = False
     elif (index := _index_of_shard(p)) is not None:
         sd = _read_index(index)
     else:
-        sd, metadata = _read_safetensors(p)
+        sd, metadata = read_safetensors(p)
     _check_cogvideox(sd, p)
     return (sd, metadata) if return_metadata else sd
 
@@ -176,7 +176,7 @@ def _index_of_shard(path: Path) -> Path | None:
     return index if index.is_file() else None
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
@@ -208,7 +208,7 @@ def _read_index(index: Path) -> dict[str, torch.Tensor]:
                               f"{index.parent}: {', '.join(missing)}; download the missing shard(s) again")
     sd: dict[str, torch.Tensor] = {}
     for shard in shards:
-        sd.update(_read_safetensors(index.parent / shard)[0])
+        sd.update(read_safetensors(index.parent / shard)[0])
     absent = [k for k in weight_map if k not in sd]
     if absent:
         raise CheckpointError(f"the shards of {index.name} lack {len(absent)} tensor(s) the index lists (e.g. "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from .adapter_loader import CustomVideoXAdapterLoader
 from .apply import CustomVideoXApply
 from .entity_region import CustomVideoXEntityRegion
 from .evaluate import CustomVideoXEvaluate
 from .model_loader import CustomVideoXModelLoader
 from .reference_encode import CustomVideoXReferenceEncode
 from .tab_schedule import CustomVideoXTABSchedule
+from .train_adapter import CustomVideoXTrainAdapter
 
 NODES: list[type[io.ComfyNode]] = [
     CustomVideoXModelLoader,
@@ -17,5 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     CustomVideoXApply,
     CustomVideoXTABSchedule,
     CustomVideoXEntityRegion,
+    CustomVideoXAdapterLoader,
+    CustomVideoXTrainAdapter,
     CustomVideoXEvaluate,
 ]

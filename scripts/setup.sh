@@ -48,11 +48,13 @@ fi
 
 if [ ! -f "$VENV/.stamp-host-reqs" ] || [ "$COMFY/requirements.txt" -nt "$VENV/.stamp-host-reqs" ] \
    || [ "$ROOT/requirements-dev.txt" -nt "$VENV/.stamp-host-reqs" ] \
-   || [ "$ROOT/requirements-eval.txt" -nt "$VENV/.stamp-host-reqs" ]; then
+   || [ "$ROOT/requirements-eval.txt" -nt "$VENV/.stamp-host-reqs" ] \
+   || [ "$ROOT/requirements-train.txt" -nt "$VENV/.stamp-host-reqs" ]; then
   log "installing the host's requirements and the test tools (torch kept at 2.9.1)"
   printf 'torch==2.9.1\ntorchvision==0.24.1\n' > "$HOST_DIR/constraints.txt"
   "${PIP[@]}" install -c "$HOST_DIR/constraints.txt" -r "$COMFY/requirements.txt" \
-    -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" -r "$ROOT/requirements-eval.txt"
+    -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" -r "$ROOT/requirements-eval.txt" \
+    -r "$ROOT/requirements-train.txt"
   touch "$VENV/.stamp-host-reqs"
 fi
 

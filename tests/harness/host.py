@@ -35,6 +35,8 @@ PACK_NODE_IDS = [
     "CustomVideoXApply",
     "CustomVideoXTABSchedule",
     "CustomVideoXEntityRegion",
+    "CustomVideoXAdapterLoader",
+    "CustomVideoXTrainAdapter",
     "CustomVideoXEvaluate",
 ]
 TEST_NODE_IDS = ["CVXTestTextConditioning", "CVXTestImage", "CVXTestSaveTensor"]
@@ -112,7 +114,8 @@ class HostEnv:
         if not link.exists():
             link.symlink_to(TEST_NODES_DIR, target_is_directory=True)
         # The `custom_nodes:` entry is how v0.30.0 takes an extra node folder without touching the host.
-        lines = ["cvx_tests:", f"  base_path: {env.models_dir}"]
+        # is_default: the sandbox folders come first, so nodes that write models (the trainer) write there.
+        lines = ["cvx_tests:", f"  base_path: {env.models_dir}", "  is_default: true"]
         lines += [f"  {d}: {d}" for d in ("diffusion_models", "vae", "text_encoders", "loras")]
         lines += [f"  custom_nodes: {env.custom_nodes_dir}"]
         env.yaml_path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,0 +1,223 @@
+"""The CustomVideoX adapter training loop (design.md §1 training; issue 6). Host-free.
+
+The base model stays frozen; only the adapter's LoRA pairs train, on the reference branch. The
+caller passes the model as a callable ``model_fn(x_t, t, text, reference, checkpointing) -> v`` (built
+on the host's patched model, see nodes/train_adapter.py) plus the model's ``alphas_cumprod``, device
+and dtype from the host's model management.
+
+Loss: CogVideoX's v-prediction objective on the video tokens only (the model call returns the video
+frames; the reference frames it prepends are sliced off): with ``a = alphas_cumprod[t]``,
+``x_t = sqrt(a) x0 + sqrt(1-a) eps`` and ``v = sqrt(a) eps - sqrt(1-a) x0``, loss = MSE(model, v).
+Random drops: the caption is replaced by the empty caption's embedding (classifier-free guidance
+needs the unconditional branch), and [reconstructed] the reference by an all-zero latent (an
+uninformative reference; dropping the reference entirely would leave a reference-only LoRA nothing
+to learn from that step).
+
+All randomness (clip, timestep, noise, drops) comes from one CPU generator whose state is saved in
+every checkpoint, so a resumed run continues exactly as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .dataset import CachedDataset
+from .lora import DEFAULT_TARGETS, AdapterMeta, ReferenceLora, save_adapter
+
+log = logging.getLogger("customvideox")
+
+# (x_t [1,C,T,H,W], t [1], text [1,L,D], reference [1,C,F,h,w], gradient checkpointing) -> v [1,C,T,H,W]
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainingError(ValueError):
+    """A user-facing training problem."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 500
+    learning_rate: float = 1e-4
+    rank: int = 16
+    alpha: float = 16.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    seed: int = 0
+    reference_drop: float = 0.05
+    text_drop: float = 0.1
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = 100
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    timestep_min: int = 0
+    timestep_max: int = 999
+
+    def check(self) -> None:
+        if self.steps < 1 or self.rank < 1 or self.learning_rate <= 0:
+            raise TrainingError(f"steps, rank and learning_rate must be positive ({self.steps}, {self.rank}, "
+                                f"{self.learning_rate})")
+        if not 0 <= self.timestep_min <= self.timestep_max:
+            raise TrainingError(f"timestep range {self.timestep_min}..{self.timestep_max} is empty")
+        for name in ("reference_drop", "text_drop"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise TrainingError(f"{name} must be in 0..1, got {getattr(self, name)}")
+
+    def compatible(self) -> dict:
+        """What a checkpoint must share with these settings to be resumed by them."""
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path
+    curve_path: Path
+    losses: list[float]
+    steps: int
+    resumed_from: int = 0
+    checkpoints: list[Path] = field(default_factory=list)
+
+
+def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_t, v)`` for DDPM v-prediction at ``alpha_cumprod`` (a scalar tensor)."""
+    a = alpha_cumprod.to(torch.float64)
+    sa, sb = a.sqrt().item(), (1 - a).sqrt().item()
+    return sa * x0 + sb * noise, sa * noise - sb * x0
+
+
+def _checkpoints(out_dir: Path) -> list[Path]:
+    return sorted((out_dir / CHECKPOINT_DIR).glob("step_*.pt"))
+
+
+def save_checkpoint(out_dir: Path, step: int, lora: ReferenceLora, optimizer: torch.optim.Optimizer,
+                    losses: list[float], gen: torch.Generator, settings: TrainSettings) -> Path:
+    path = out_dir / CHECKPOINT_DIR / f"step_{step:07d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save({"step": step, "lora": lora.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses,
+                "rng": gen.get_state(), "settings": settings.compatible()}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def loss_curve_png(losses: list[float], path: str | Path, title: str = "CustomVideoX adapter training loss") -> Path:
+    """The per-step loss (grey) and its moving average (blue) as a PNG, drawn with Pillow only."""
+    from PIL import Image, ImageDraw
+
+    w, h, left, right, top, bottom = 900, 480, 70, 20, 40, 50
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 12), title, fill="black")
+    if losses:
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1e-8
+        n = len(losses)
+
+        def pt(i: int, v: float) -> tuple[float, float]:
+            x = left + (w - left - right) * (i / max(1, n - 1))
+            return x, top + (h - top - bottom) * (1 - (v - lo) / (hi - lo))
+
+        d.line([pt(i, v) for i, v in enumerate(losses)], fill=(190, 190, 190), width=1)
+        k = max(1, n // 20)
+        avg = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(n)]
+        d.line([pt(i, v) for i, v in enumerate(avg)], fill=(30, 90, 200), width=2)
+        for frac in (0.0, 0.5, 1.0):
+            v = lo + (hi - lo) * frac
+            d.text((5, pt(0, v)[1] - 6), f"{v:.4g}", fill="black")
+        d.text((left, h - bottom + 18), f"step 1 .. {n}   (grey: per step, blue: mean of {k})", fill="black")
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def train_adapter(settings: TrainSettings, data: CachedDataset, model_fn: ModelFn, lora: ReferenceLora,
+                  alphas_cumprod: torch.Tensor, out_dir: str | Path, *, device: torch.device,
+                  dtype: torch.dtype, base_model: str = "", adapter_name: str = "customvideox_adapter",
+                  resume: bool = True, progress: Callable[[int, int, float], None] | None = None,
+                  check_interrupt: Callable[[], None] | None = None) -> TrainResult:
+    """Train ``lora`` (in place) and save it as ``out_dir/<adapter_name>.safetensors`` with metadata,
+    plus ``loss.png`` and checkpoints every ``checkpoint_every`` steps under ``out_dir/checkpoints``.
+
+    With ``resume``, the latest checkpoint in ``out_dir`` (same rank/alpha/targets) is loaded and the
+    run continues from its step. ``progress(step, total, loss)`` is called after every step;
+    ``check_interrupt()`` may raise to stop (the host's interrupt), a checkpoint is written first.
+    """
+    settings.check()
+    if len(data) == 0:
+        raise TrainingError("the dataset is empty")
+    out_dir = Path(out_dir)
+    # The adapter trains in fp32 on the model's device; the delta is cast to the model's dtype per call.
+    for p in lora.pairs.values():
+        p.down = p.down.detach().to(device, torch.float32).requires_grad_(True)
+        p.up = p.up.detach().to(device, torch.float32).requires_grad_(True)
+        p._cache.clear()
+    params = lora.parameters()
+    opt = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    gen = torch.Generator().manual_seed(settings.seed)
+    losses: list[float] = []
+    start = 0
+    found = _checkpoints(out_dir) if resume else []
+    if found:
+        ck = torch.load(found[-1], map_location="cpu", weights_only=True)
+        if ck["settings"] != settings.compatible():
+            raise TrainingError(f"the checkpoint {found[-1]} was made with {ck['settings']}, not "
+                                f"{settings.compatible()}: use another output folder or turn resume off")
+        lora.load_state_dict(ck["lora"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["rng"])
+        losses, start = list(ck["losses"]), int(ck["step"])
+        log.info("CustomVideoX training: resumed from %s (step %d)", found[-1].name, start)
+    acp = alphas_cumprod.detach().cpu()
+    saved: list[Path] = []
+    step = start
+    try:
+        for step in range(start + 1, settings.steps + 1):
+            if check_interrupt is not None:
+                check_interrupt()
+            sample = data[int(torch.randint(len(data), (1,), generator=gen))]
+            t = int(torch.randint(settings.timestep_min, settings.timestep_max + 1, (1,), generator=gen))
+            x0 = sample["latent"]
+            noise = torch.randn(x0.shape, generator=gen)
+            drop_ref, drop_text = torch.rand(2, generator=gen).tolist()
+            x_t, v = v_target(x0, noise, acp[t])
+            ref = sample["reference"]
+            ref = torch.zeros_like(ref) if drop_ref < settings.reference_drop else ref
+            text = data.empty_text if drop_text < settings.text_drop else sample["text"]
+            pred = model_fn(x_t.to(device, dtype), torch.tensor([float(t)], device=device),
+                            text.to(device, dtype), ref.to(device, dtype), settings.gradient_checkpointing)
+            loss = torch.nn.functional.mse_loss(pred.float(), v.to(device, torch.float32))
+            if not math.isfinite(loss.item()):
+                raise TrainingError(f"the loss became {loss.item()} at step {step}: lower learning_rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            opt.step()
+            for p in lora.pairs.values():
+                p._cache.clear()
+            losses.append(loss.item())
+            if progress is not None:
+                progress(step, settings.steps, losses[-1])
+            if settings.checkpoint_every > 0 and step % settings.checkpoint_every == 0:
+                saved.append(save_checkpoint(out_dir, step, lora, opt, losses, gen, settings))
+    except BaseException:
+        if step > start and len(losses) == step:  # keep the finished steps of an interrupted run
+            saved.append(save_checkpoint(out_dir, step, lora, opt, losses, gen, settings))
+        raise
+    for p in lora.pairs.values():
+        p.down, p.up = p.down.detach().cpu(), p.up.detach().cpu()
+        p._cache.clear()
+    meta = AdapterMeta(rank=settings.rank, alpha=settings.alpha, targets=tuple(settings.targets),
+                       base_model=base_model, steps=settings.steps,
+                       extra={"final_loss": f"{sum(losses[-10:]) / max(1, len(losses[-10:])):.6g}"})
+    adapter = save_adapter(out_dir / f"{adapter_name}.safetensors", lora, meta)
+    curve = loss_curve_png(losses, out_dir / "loss.png")
+    return TrainResult(adapter, curve, losses, settings.steps, start, saved)
+
