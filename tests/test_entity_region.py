@@ -1,18 +1,12 @@
 """ERAE: entity tokens (also with the host's real T5 tokenizer), attention maps, masks, memory."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from cvx_core.entity_region import (  # noqa: E402
+from cvx_core.entity_region import (
     EntityRegion,
     entity_map_from_attention,
     entity_tokens_with_tokenizer,
@@ -22,25 +16,6 @@ from cvx_core.entity_region import (  # noqa: E402
     refine_map,
     region_logit_bias,
 )
-
-HOST = ROOT / ".host" / "ComfyUI"
-
-
-def import_host():
-    """Import the real host tree (CPU mode); fails, never skips, when the host is missing."""
-    assert (HOST / "comfy").is_dir(), f"host tree missing at {HOST}: run `make setup`"
-    if str(HOST) not in sys.path:
-        sys.path.insert(0, str(HOST))
-    if "comfy.model_management" not in sys.modules:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
-        try:
-            import comfy.model_management  # noqa: F401
-        finally:
-            sys.argv = argv
-
 
 # --- entity tokens, id level ----------------------------------------------------------------------
 
@@ -93,7 +68,6 @@ def test_ids_from_host_token_weight_pairs():
 
 @pytest.fixture(scope="module")
 def host_t5():
-    import_host()
     from comfy.text_encoders.cogvideo import CogVideoXTokenizer
 
     wrapper = CogVideoXTokenizer()
@@ -199,12 +173,11 @@ def test_entity_map_argument_errors():
         entity_map_from_attention(q[0], q, (0, 8), (8, 20), [0], (3, 2, 2))
 
 
-def peak_cpu_bytes(fn):
+def peak_cpu_bytes(fn, tmp_path):
     """Peak bytes allocated by `fn` above the start, from the profiler's CPU allocator records."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    path = ROOT / ".pytest_cache" / "erae_memory_trace.json"
-    path.parent.mkdir(exist_ok=True)
+    path = tmp_path / "erae_memory_trace.json"
     prof.export_chrome_trace(str(path))
     events = json.loads(path.read_text())["traceEvents"]
     path.unlink()
@@ -217,7 +190,7 @@ def peak_cpu_bytes(fn):
     return max(e["args"]["Total Allocated"] for e in mem) - start
 
 
-def test_entity_map_peak_memory_at_480x720x49_geometry():
+def test_entity_map_peak_memory_at_480x720x49_geometry(tmp_path):
     # Real CogVideoX geometry (13 x 30 x 45 video tokens, 1,350 reference, 226 text); 3 heads keep it fast.
     t, h, w = 13, 30, 45
     n_text, n_ref, sv, dim, heads, ents = 226, 1350, t * h * w, 64, 3, 3
@@ -229,7 +202,7 @@ def test_entity_map_peak_memory_at_480x720x49_geometry():
     def run():
         box["map"] = entity_map_from_attention(q, k, (0, n_text), (n_text + n_ref, s), [5, 6, 7], (t, h, w))
 
-    peak = peak_cpu_bytes(run)
+    peak = peak_cpu_bytes(run, tmp_path)
     bound = 4 * (sv * n_text + sv * dim + n_text * dim + sv * ents + 4 * sv)  # the docstring's bound, B = 1
     one_head_logits = 4 * sv * n_text
     assert box["map"].shape == (1, sv)

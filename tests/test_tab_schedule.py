@@ -2,19 +2,13 @@
 
 import json
 import math
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from cvx_core.tab_schedule import (  # noqa: E402
+from cvx_core.tab_schedule import (
     TABSchedule,
     parse_keyframes,
     plot_schedule_image,
@@ -22,25 +16,6 @@ from cvx_core.tab_schedule import (  # noqa: E402
     reference_bias,
     strength_to_bias,
 )
-
-HOST = ROOT / ".host" / "ComfyUI"
-
-
-def import_host():
-    """Import the real host tree (CPU mode); fails, never skips, when the host is missing."""
-    assert (HOST / "comfy").is_dir(), f"host tree missing at {HOST}: run `make setup`"
-    if str(HOST) not in sys.path:
-        sys.path.insert(0, str(HOST))
-    if "comfy.model_management" not in sys.modules:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
-        try:
-            import comfy.model_management  # noqa: F401
-        finally:
-            sys.argv = argv
-
 
 # --- strength -------------------------------------------------------------------------------------
 
@@ -206,7 +181,6 @@ def test_progress_from_a_simple_schedule():
 
 def cogvideox_model_sampling():
     """The host's CogVideoX sampling: v-prediction DDPM, linear betas, zero terminal SNR."""
-    import_host()
     import comfy.model_sampling
     import comfy.supported_models
 
@@ -220,7 +194,6 @@ def cogvideox_model_sampling():
 
 @pytest.mark.host
 def test_progress_over_every_host_scheduler():
-    import_host()
     import comfy.samplers
 
     ms = cogvideox_model_sampling()
@@ -247,7 +220,6 @@ def test_progress_over_every_host_scheduler():
 @pytest.mark.parametrize("sampler", ["heun", "dpm_2", "euler"])
 def test_progress_seen_by_the_model_inside_real_host_samplers(sampler):
     """Run the host's own k-diffusion sampler with a stub denoiser and record τ at every call."""
-    import_host()
     import comfy.k_diffusion.sampling as kds
     import comfy.samplers
 
