@@ -9,7 +9,6 @@ exactly the host's own weight patch. The host's LoRA loader is the peer for glob
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -36,10 +35,6 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 
-
-def pack_module(host, name: str):
-    pkg = host.node_classes["CustomVideoXApply"].__module__.rsplit(".nodes", 1)[0]
-    return importlib.import_module(f"{pkg}.{name}")
 
 
 def random_pairs(seed: int = 0, targets=tuple(DIFFUSERS_SUB), blocks=(0, 1), scale: float = 0.3):
@@ -130,7 +125,7 @@ def forward(m, inputs, cond_or_uncond=None):
 
 
 def with_reference(host, m, inputs, strength=1.0, mode="two_way", apply_to_uncond=True):
-    types = pack_module(host, "nodes.types")
+    types = host.pack("nodes.types")
     ref = types.EncodedReference(latent=inputs[3], width=48, height=32)
     return host.node_classes["CustomVideoXApply"].execute(
         model=m, reference=ref, strength=strength, block_start=0, block_end=-1, apply_to_uncond=apply_to_uncond,
@@ -138,7 +133,7 @@ def with_reference(host, m, inputs, strength=1.0, mode="two_way", apply_to_uncon
 
 
 def load(host, m, loras: Path, rel: str, mode="reference_only", strength=1.0):
-    al = pack_module(host, "nodes.adapter_loader")
+    al = host.pack("nodes.adapter_loader")
     return al.load_adapter(m, str(loras / rel), strength, mode)
 
 
@@ -189,8 +184,8 @@ def test_reference_off_is_exactly_the_base_model(host, base, loras, adapter_file
 @pytest.mark.parametrize("mode", ["two_way", "one_way"])
 def test_reference_on_changes_the_output_and_a_zero_adapter_does_not(host, base, loras, adapter_files, inputs,
                                                                       mode):
-    lora = pack_module(host, "cvx_core.lora")
-    rb = pack_module(host, "nodes.reference_block")
+    lora = host.pack("cvx_core.lora")
+    rb = host.pack("nodes.reference_block")
     without = forward(with_reference(host, base, inputs, mode=mode), inputs)
     adapted, _ = load(host, base, loras, adapter_files["kohya"])
     assert (forward(with_reference(host, adapted, inputs, mode=mode), inputs) - without).abs().max() > 1e-4
@@ -231,8 +226,8 @@ def test_stacks_with_the_hosts_lora_loader_and_apply_in_either_order(host, base,
 
 
 def test_bad_files_give_clear_errors_and_leave_the_model_alone(host, base, loras, adapter_files, inputs):
-    lk = pack_module(host, "cvx_core.lora_keys")
-    ck = pack_module(host, "cvx_core.checkpoint_keys")
+    lk = host.pack("cvx_core.lora_keys")
+    ck = host.pack("cvx_core.checkpoint_keys")
     plain = forward(base, inputs)
     patches_before = dict(base.object_patches)
     save_file({"text_model.encoder.layers.0.mlp.fc1.lora_up.weight": torch.zeros(4, 4),
@@ -285,7 +280,7 @@ def test_adapter_loader_node_runs_in_the_host(host, tiny_models, adapter_files, 
     # No reference in this graph: the adapted model is the base model, bit for bit.
     assert torch.equal(a.output(graphs.SAMPLED)["samples"], b.output(graphs.SAMPLED)["samples"])
     with pytest.raises(ValueError, match="not allowed"):
-        pack_module(host, "nodes.adapter_loader").resolve_lora_path("../escape.safetensors")
+        host.pack("nodes.adapter_loader").resolve_lora_path("../escape.safetensors")
     bad = json.loads(json.dumps(adapted))
     bad["adapter"]["inputs"]["lora_name"] = "../../etc/passwd"
     with pytest.raises(HostRunError):

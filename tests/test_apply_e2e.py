@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from harness import graphs
-
-
-def pack(host, name: str):
-    pkg = host.node_classes["CustomVideoXApply"].__module__.rsplit(".nodes", 1)[0]
-    return importlib.import_module(f"{pkg}.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +27,7 @@ def sampler(host, tiny_models):
 
 
 def apply(host, model, latent=None, **kw):
-    types = pack(host, "nodes.types")
+    types = host.pack("nodes.types")
     ref = types.EncodedReference(latent=torch.randn(1, 16, 1, 8, 10, generator=torch.Generator().manual_seed(7))
                                  if latent is None else latent, width=80, height=64)
     args = dict(strength=1.0, block_start=0, block_end=-1, apply_to_uncond=True, attention_mode="two_way",
@@ -59,8 +52,8 @@ def test_strength_zero_is_exactly_the_unpatched_model_and_the_input_model_is_unt
 @pytest.mark.parametrize("mode", ["two_way", "one_way"])
 def test_every_setting_gives_finite_distinct_output(host, sampler, mode):
     model, sample = sampler
-    er = pack(host, "cvx_core.entity_region")
-    ts = pack(host, "cvx_core.tab_schedule")
+    er = host.pack("cvx_core.entity_region")
+    ts = host.pack("cvx_core.tab_schedule")
     plain = sample(apply(host, model, attention_mode=mode))
     outs = {
         "tab": sample(apply(host, model, attention_mode=mode, schedule=ts.TABSchedule(b_max=2.0))),
@@ -87,7 +80,7 @@ def test_a_second_reference_at_strength_zero_changes_nothing(host, sampler):
 
 def test_one_way_reference_is_computed_once_per_run(host, sampler, monkeypatch):
     model, sample = sampler
-    rp = pack(host, "nodes.reference_patch")
+    rp = host.pack("nodes.reference_patch")
     calls = []
     real = rp.reference_stream_kv
     monkeypatch.setattr(rp, "reference_stream_kv", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -7,7 +7,6 @@ simply one more frame in front of the video: that is what 3D reference attention
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -15,14 +14,9 @@ import tiny_models as tm
 import torch
 
 
-def pack_module(host, name: str):
-    pkg = host.node_classes["CustomVideoXApply"].__module__.rsplit(".nodes", 1)[0]
-    return importlib.import_module(f"{pkg}.{name}")
-
-
 def patched_forward(host, model, raw_ref, x, t, ctx, **apply_kw):
-    rp = pack_module(host, "nodes.reference_patch")
-    types = pack_module(host, "nodes.types")
+    rp = host.pack("nodes.reference_patch")
+    types = host.pack("nodes.types")
     import comfy.model_management
 
     args = dict(strength=1.0, block_start=0, block_end=-1, apply_to_uncond=True, attention_mode="two_way",
@@ -71,8 +65,8 @@ def test_reference_off_through_the_patch_equals_diffusers_stock(host, tiny_model
     ctx = torch.randn(2, 226, 32, generator=g)
     t = torch.tensor([300.0, 300.0])
     # Row 0 is cond (reference on), row 1 uncond with apply_to_uncond off (reference masked).
-    rp = pack_module(host, "nodes.reference_patch")
-    types = pack_module(host, "nodes.types")
+    rp = host.pack("nodes.reference_patch")
+    types = host.pack("nodes.types")
     import comfy.model_management
 
     ref = types.EncodedReference(latent=torch.randn(1, 16, 1, 8, 10, generator=g), width=80, height=64)

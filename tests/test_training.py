@@ -9,7 +9,6 @@ reference patch and reference-branch adapter, exactly what the node and the CLI 
 
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 
@@ -33,10 +32,6 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 
-
-def pack_module(host, name: str):
-    pkg = host.node_classes["CustomVideoXApply"].__module__.rsplit(".nodes", 1)[0]
-    return importlib.import_module(f"{pkg}.{name}")
 
 
 def square_video(colour: tuple[int, int, int], background: int, shift: int) -> np.ndarray:
@@ -111,7 +106,7 @@ def load_tiny(tiny_models):
 
 
 def prep(host, data_dir: Path, cache: Path, enc: StandInEncoders):
-    ds = pack_module(host, "cvx_core.dataset")
+    ds = host.pack("cvx_core.dataset")
     return ds.prepare_dataset(data_dir, cache, enc.video, enc.text,
                               ds.PrepSettings(width=SIZE, height=SIZE, num_frames=FRAMES), subject="box",
                               encoder_id="stand-in")
@@ -136,7 +131,7 @@ def test_dataset_prepares_every_layout_and_caches_once(host, dataset_dir, tmp_pa
 
 
 def test_reference_is_the_subject_cut_out_on_white(host):
-    ds = pack_module(host, "cvx_core.dataset")
+    ds = host.pack("cvx_core.dataset")
     frame = np.full((SIZE, SIZE, 3), 90, np.uint8)
     frame[10:16, 4:24] = (200, 10, 10)  # wider than tall: padded with white above and below
     mask = (frame[..., 1] < 50).astype(np.float32)
@@ -148,7 +143,7 @@ def test_reference_is_the_subject_cut_out_on_white(host):
 
 
 def test_dataset_errors_are_clear(host, tmp_path):
-    ds = pack_module(host, "cvx_core.dataset")
+    ds = host.pack("cvx_core.dataset")
     (tmp_path / "a.gif").write_bytes(b"")
     with pytest.raises(ds.DatasetError, match="no caption file: a.txt"):
         ds.find_clips(tmp_path)
@@ -161,10 +156,10 @@ def test_dataset_errors_are_clear(host, tmp_path):
 
 
 def train(host, tiny_models, data, out_dir: Path, **kw):
-    tr = pack_module(host, "cvx_core.training")
-    lora = pack_module(host, "cvx_core.lora")
-    ta = pack_module(host, "nodes.train_adapter")
-    rb = pack_module(host, "nodes.reference_block")
+    tr = host.pack("cvx_core.training")
+    lora = host.pack("cvx_core.lora")
+    ta = host.pack("nodes.train_adapter")
+    rb = host.pack("nodes.reference_block")
     model = load_tiny(tiny_models)
     args = dict(steps=300, learning_rate=3e-3, rank=4, alpha=4.0, seed=0, reference_drop=0.0, text_drop=0.0,
                 gradient_checkpointing=True, checkpoint_every=0, timestep_min=300, timestep_max=700)
@@ -188,21 +183,21 @@ def test_training_lowers_the_loss_and_the_adapter_reloads(host, tiny_models, dat
 
     with Image.open(result.curve_path) as im:
         assert im.size == (900, 480)
-    lk = pack_module(host, "cvx_core.lora_keys")
+    lk = host.pack("cvx_core.lora_keys")
     sd, metadata, config = lk.read_lora_file(result.adapter_path)
     parsed = lk.parse_lora(sd, metadata, config)
     meta = parsed.meta
     assert (meta.rank, meta.alpha, meta.targets, meta.steps) == (4, 4.0, ("q", "k", "v", "attn_out"), 300)
     assert meta.base_model == "cvx_tiny_test_model.safetensors"
-    assert meta.pack_version == pack_module(host, "cvx_core.lora").pack_version() != "unknown"
+    assert meta.pack_version == host.pack("cvx_core.lora").pack_version() != "unknown"
     assert len(parsed.pairs) == 2 * 4 and not parsed.unused
     assert all(abs(p.scale - 1.0) < 1e-7 for p in parsed.pairs.values())
 
     # Reloaded through the loader's code path, it changes the output with the reference on.
     import comfy.model_management as mm
 
-    al = pack_module(host, "nodes.adapter_loader")
-    types = pack_module(host, "nodes.types")
+    al = host.pack("nodes.adapter_loader")
+    types = host.pack("nodes.types")
     base = load_tiny(tiny_models)
     adapted, report = al.load_adapter(base, str(result.adapter_path), 1.0, "reference_only")
     assert report.modules == 8 and not report.unused
@@ -234,7 +229,7 @@ def test_resume_continues_the_same_run(host, tiny_models, dataset_dir, tmp_path)
         ["step_0000010.pt", "step_0000020.pt"]
     np.testing.assert_allclose(resumed.losses, straight.losses, rtol=1e-5, atol=1e-7)
 
-    tr = pack_module(host, "cvx_core.training")
+    tr = host.pack("cvx_core.training")
     with pytest.raises(tr.TrainingError, match="checkpoint .* was made with"):
         train(host, tiny_models, data, tmp_path / "resumed", steps=30, rank=8, **kw)
 
@@ -273,7 +268,7 @@ def test_train_adapter_node_with_the_hosts_vae(host, host_env, tiny_models, data
     target.mkdir(parents=True, exist_ok=True)
     for f in ("red_box.mp4", "red_box.txt", "red_box.mask.png", "red_box.subject.txt"):
         shutil.copy(dataset_dir / f, target / f)
-    model = pack_module(host, "nodes.model_loader").load_cogvideox(str(tiny_models.paths["native_1_0"]))
+    model = host.pack("nodes.model_loader").load_cogvideox(str(tiny_models.paths["native_1_0"]))
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(tiny_models.paths["vae"])))
     node = host.node_classes["CustomVideoXTrainAdapter"]
     with torch.inference_mode():
@@ -284,7 +279,7 @@ def test_train_adapter_node_with_the_hosts_vae(host, host_env, tiny_models, data
                            checkpoint_every=0, resume=False, seed=0)
     name, curve = out.result
     assert name == "cvx_node_trained.safetensors" and curve.shape == (1, 480, 900, 3)
-    lk = pack_module(host, "cvx_core.lora_keys")
+    lk = host.pack("cvx_core.lora_keys")
     sd, metadata, config = lk.read_lora_file(folder_paths.get_full_path("loras", name))
     meta = lk.parse_lora(sd, metadata, config).meta
     assert (meta.steps, meta.rank, len(meta.targets), meta.base_model) == \

@@ -207,6 +207,14 @@ class InProcessHost:
 
         return nodes.NODE_CLASS_MAPPINGS
 
+    def pack(self, name: str) -> Any:
+        """A module of the pack as the host loaded it (e.g. ``"nodes.reference_patch"``), so its classes
+        are the ones the host's nodes use."""
+        import importlib
+
+        pkg = self.node_classes["CustomVideoXApply"].__module__.rsplit(".nodes", 1)[0]
+        return importlib.import_module(f"{pkg}.{name}")
+
     def run(
         self, prompt: dict[str, Any], capture: Iterable[str] = (), prompt_id: str | None = None
     ) -> RunResult:
