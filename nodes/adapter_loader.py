@@ -93,7 +93,7 @@ class CustomVideoXAdapterLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name: str, strength: float = 1.0, mode: str = "reference_only") -> io.NodeOutput:
-        check_cogvideox_t2v(model)
+        check_cogvideox_t2v(model, node="CustomVideoXAdapterLoader")
         try:
             patched, report = load_adapter(model, resolve_lora_path(lora_name), strength, mode)
         except (LoraKeyError, ValueError) as e:

@@ -10,15 +10,15 @@ from .reference_patch import MODES, PatchError, ReferenceEntry, apply_reference
 from .types import CATEGORY, CVXReference, CVXRegion, CVXSchedule, EncodedReference
 
 
-def check_cogvideox_t2v(model) -> CogVideoXTransformer3DModel:
-    """The model's CogVideoX DiT, or a clear error for any other model."""
+def check_cogvideox_t2v(model, node: str = "CustomVideoXApply") -> CogVideoXTransformer3DModel:
+    """The model's CogVideoX DiT, or a clear error (naming ``node``) for any other model."""
     dm = model.get_model_object("diffusion_model")
     if not isinstance(dm, CogVideoXTransformer3DModel):
-        raise PatchError(f"CustomVideoXApply: the MODEL is a {type(dm).__name__} "
+        raise PatchError(f"{node}: the MODEL is a {type(dm).__name__} "
                          f"({type(model.model).__name__}), not CogVideoX: load a CogVideoX transformer "
                          f"(CustomVideoXModelLoader or UNETLoader)")
     if dm.in_channels != dm.out_channels:
-        raise PatchError(f"CustomVideoXApply: this CogVideoX takes {dm.in_channels} input channels "
+        raise PatchError(f"{node}: the MODEL is a CogVideoX that takes {dm.in_channels} input channels "
                          f"(image-to-video or inpainting); CustomVideoX needs a text-to-video CogVideoX "
                          f"({dm.out_channels} channels)")
     return dm
@@ -69,8 +69,8 @@ class CustomVideoXApply(io.ComfyNode):
         n_blocks = len(dm.blocks)
         end = n_blocks - 1 if block_end < 0 else block_end
         if not 0 <= block_start <= end < n_blocks:
-            raise PatchError(f"CustomVideoXApply: block range {block_start}..{block_end} is not inside this "
-                             f"model's blocks 0..{n_blocks - 1}")
+            raise PatchError(f"CustomVideoXApply: block_start..block_end is {block_start}..{block_end}, which is "
+                             f"not inside this model's blocks 0..{n_blocks - 1} (block_end -1 = the last block)")
         if region is not None and region.mode == "auto" and region.map_block >= end:
             raise PatchError(f"CustomVideoXApply: the region's map_block is {region.map_block}, but the "
                              f"reference is used up to block {end} of 0..{n_blocks - 1}: choose a map_block "

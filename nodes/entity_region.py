@@ -16,8 +16,14 @@ from .types import CATEGORY, CVXRegion
 
 
 def _t5_tokenizer(clip):
-    # The host's CogVideoX CLIP wraps an SD3-style tokenizer whose T5 part keeps the HF tokenizer.
-    tok = getattr(clip.tokenizer, "t5xxl", None)
+    # The host's CogVideoX CLIP (CLIPLoader type cogvideox) wraps the T5 tokenizer in an SD1Tokenizer, which
+    # keeps it as `clip_t5xxl` (its `.clip` attribute names it); SD3-style wrappers keep it as `t5xxl`.
+    outer = getattr(clip, "tokenizer", None)
+    tok = None
+    for name in (getattr(outer, "clip", None), "clip_t5xxl", "t5xxl"):
+        if isinstance(name, str) and getattr(outer, name, None) is not None:
+            tok = getattr(outer, name)
+            break
     hf = getattr(tok, "tokenizer", None)
     if hf is None:
         raise ValueError("CustomVideoXEntityRegion: this CLIP has no T5 tokenizer; load the T5 text encoder "
@@ -83,5 +89,9 @@ class CustomVideoXEntityRegion(io.ComfyNode):
                              "word(s); or use mask mode")
         words = [w.strip() for w in subject_words.split(",") if w.strip()]
         ids = ids_from_token_weights(clip.tokenize(prompt)["t5xxl"][0])
-        idx = entity_tokens_with_tokenizer(ids, words, _t5_tokenizer(clip), prompt=prompt)
+        hf = _t5_tokenizer(clip)
+        try:
+            idx = entity_tokens_with_tokenizer(ids, words, hf, prompt=prompt)
+        except ValueError as e:
+            raise ValueError(f"CustomVideoXEntityRegion: subject_words: {e}") from e
         return io.NodeOutput(EntityRegion(mode="auto", entity_idx=tuple(idx), **common), torch.zeros(1, 64, 64))

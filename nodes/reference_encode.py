@@ -101,7 +101,10 @@ class CustomVideoXReferenceEncode(io.ComfyNode):
         n, _, h, w = img.shape
         fill = FILLS[background]
         if mask is not None:
-            m = _mask_for(mask.to(img.device), n, h, w)[:, None]
+            try:
+                m = _mask_for(mask.to(img.device), n, h, w)[:, None]
+            except ValueError as e:
+                raise ValueError(f"CustomVideoXReferenceEncode: mask: {e}") from e
             if fill is not None:
                 img = img * m + fill * (1 - m)
         img = fit_image(img, width, height, fit, 0.5 if fill is None else fill).clamp(0, 1)

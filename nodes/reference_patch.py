@@ -209,8 +209,8 @@ def reference_stream_kv(dm, latent: torch.Tensor, context: torch.Tensor, ref_rop
 def _check_geometry(entries: list[ReferenceEntry], x: torch.Tensor, dm) -> None:
     _, c, t, h, w = x.shape
     if h % dm.patch_size or w % dm.patch_size:
-        raise PatchError(f"CustomVideoX: the video latent is {h}x{w}, which is {h * 8}x{w * 8} pixels; width and "
-                         f"height must be multiples of {8 * dm.patch_size} pixels (e.g. 480x720)")
+        raise PatchError(f"CustomVideoX: the video is {w * 8}x{h * 8} pixels; width and height must be multiples "
+                         f"of {8 * dm.patch_size} (set them on the empty latent node, e.g. 720x480)")
     for e in entries:
         _, rc, _, rh, rw = e.latent.shape
         if rc != c:

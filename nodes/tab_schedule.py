@@ -45,7 +45,10 @@ class CustomVideoXTABSchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, curve, b_min, b_max, start_percent, end_percent, outside, keyframes) -> io.NodeOutput:
-        kf = parse_keyframes(keyframes) if curve == "keyframes" else ()
+        try:
+            kf = parse_keyframes(keyframes) if curve == "keyframes" else ()
+        except ValueError as e:
+            raise ValueError(f"CustomVideoXTABSchedule: keyframes: {e}") from e
         schedule = TABSchedule(curve=curve, b_min=b_min, b_max=b_max, start_percent=start_percent,
                                end_percent=end_percent, outside=outside, keyframes=kf)
         plot = torch.from_numpy(plot_schedule_image([(curve, schedule)])).float().div(255.0)[None]

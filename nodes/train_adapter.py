@@ -40,7 +40,7 @@ def training_model_fn(model, lora: ReferenceLora) -> tuple[ModelFn, torch.device
     ``model`` must hold ordinary (not inference-mode) weights: inside a node, pass a
     ``clone(force_deepcopy=True)`` made under ``torch.inference_mode(False)``.
     """
-    dm = check_cogvideox_t2v(model)
+    dm = check_cogvideox_t2v(model, node="CustomVideoXTrainAdapter")
     p_t = dm.patch_size_t or 1
     patched = apply_reference_adapter(model, lora, 1.0)
     # Installs the reference machinery (wrapper, attention override, RoPE); each call sets its own entry.

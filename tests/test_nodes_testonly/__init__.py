@@ -105,3 +105,265 @@ class CVXTestNodes(ComfyExtension):
 
 async def comfy_entrypoint() -> CVXTestNodes:
     return CVXTestNodes()
+
+
+# ------------------------------------------------------------------------------------------------
+# Reliability test nodes (issue 8; tests/test_reliability_*.py). Appended; the entry point below
+# supersedes the one above so the original node list stays untouched.
+#
+# - CVXTestForeignModel: a tiny random non-CogVideoX-T2V MODEL built by the host's own loader
+#   (Wan 2.1 DiT, or a CogVideoX image-to-video DiT with 32 input channels).
+# - CVXTestForeignVAE: a tiny random TAESD-type VAE (the host's comfy.taesd), 4 or 16 latent channels.
+# - CVXTestBadImage: an IMAGE with NaN or inf pixels, or an empty batch.
+# - CVXTestTokenizerClip: the host's real CLIP class with the real CogVideoX T5 tokenizer and no text
+#   encoder weights (tokenizing works, encoding does not): enough for CustomVideoXEntityRegion auto mode.
+# - CVXTestAnyString: a string on an untyped ("*") output, as some third-party nodes give, which the
+#   host does not check against a combo's list: the pack's own path checks must hold.
+# - CVXTestAttentionRecorder: a clone of a MODEL with an ``optimized_attention_override`` that records
+#   each call (shapes only, plus weak references to the per-run objects it sees) and chains any override
+#   already there; it can also raise, interrupt (the host's interrupt flag) or pause until interrupted.
+
+import time  # noqa: E402
+import weakref  # noqa: E402
+
+RECORDS: dict[str, list[dict]] = {}  # tag -> one entry per attention call (no strong tensor refs)
+RUN_WEAKREFS: dict[str, list[weakref.ref]] = {}  # tag -> weak refs to per-run objects seen in calls
+
+
+class CVXTestFault(RuntimeError):
+    """The fault CVXTestAttentionRecorder injects."""
+
+
+def _weak_objects(obj, depth: int = 3, seen: set | None = None) -> list:
+    """``obj`` and the tensors / containers reachable from it (dataclass fields, dicts, lists), for weak refs."""
+    seen = set() if seen is None else seen
+    if obj is None or id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool)):
+        return []
+    seen.add(id(obj))
+    out = [obj] if isinstance(obj, torch.Tensor) or hasattr(obj, "__weakref__") else []
+    if depth <= 0 or isinstance(obj, torch.Tensor):
+        return out
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    elif hasattr(obj, "__dict__"):
+        children = list(vars(obj).values())
+    else:
+        children = []
+    for c in children:
+        out += _weak_objects(c, depth - 1, seen)
+    return out
+
+
+class RecordingOverride:
+    def __init__(self, tag: str, prev, fail_at: int, interrupt_at: int, pause_at: int, marker: str | None):
+        self.tag, self.prev = tag, prev
+        self.fail_at, self.interrupt_at, self.pause_at, self.marker = fail_at, interrupt_at, pause_at, marker
+
+    def __call__(self, func, *args, **kwargs):
+        import comfy.model_management as mm
+
+        calls = RECORDS.setdefault(self.tag, [])
+        n = len(calls)
+        q, k = args[0], args[1]
+        mask = kwargs.get("mask")
+        opts = kwargs.get("transformer_options") or {}
+        pack_keys = sorted(key for key in opts if isinstance(key, str) and key.startswith("customvideox"))
+        calls.append({"call": n, "q": tuple(q.shape), "k": tuple(k.shape),
+                      "mask": None if mask is None else tuple(mask.shape), "pack_keys": pack_keys})
+        refs = RUN_WEAKREFS.setdefault(self.tag, [])
+        for key in pack_keys:
+            if key != "customvideox_entries":  # the entries belong to the MODEL, not to the run
+                refs += [weakref.ref(o) for o in _weak_objects(opts[key])]
+        if n == self.fail_at:
+            raise CVXTestFault(f"CVXTestAttentionRecorder: injected fault at attention call {n}")
+        if n == self.interrupt_at:
+            mm.interrupt_current_processing(True)
+        if n == self.pause_at:
+            if self.marker:
+                with open(self.marker, "w", encoding="utf-8") as f:
+                    f.write(str(n))
+            deadline = time.monotonic() + 60.0
+            while not mm.processing_interrupted() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if self.prev is not None:
+            return self.prev(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class CVXTestAttentionRecorder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CVXTestAttentionRecorder",
+            display_name="CVX Test Attention Recorder (test only)",
+            category="customvideox/testing",
+            inputs=[
+                io.Model.Input("model"),
+                io.String.Input("tag", default="rec"),
+                io.Int.Input("fail_at_call", default=-1, min=-1, max=10**6),
+                io.Int.Input("interrupt_at_call", default=-1, min=-1, max=10**6),
+                io.Int.Input("pause_at_call", default=-1, min=-1, max=10**6),
+                io.String.Input("marker_name", default=""),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, tag: str, fail_at_call: int, interrupt_at_call: int, pause_at_call: int,
+                marker_name: str) -> io.NodeOutput:
+        m = model.clone()
+        to = m.model_options.setdefault("transformer_options", {})
+        marker = None
+        if marker_name:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", marker_name) or marker_name.startswith("."):
+                raise ValueError(f"marker_name must be a plain file name, got {marker_name!r}")
+            marker = os.path.join(folder_paths.get_output_directory(), marker_name)
+        to["optimized_attention_override"] = RecordingOverride(
+            tag, to.get("optimized_attention_override"), fail_at_call, interrupt_at_call, pause_at_call, marker)
+        return io.NodeOutput(m)
+
+
+def _cogvideox_i2v_state_dict(seed: int) -> dict:
+    from comfy.ldm.cogvideo.model import CogVideoXTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=64, in_channels=32,
+                                            out_channels=16, time_embed_dim=64, text_embed_dim=32, num_layers=1,
+                                            patch_size=2, use_rotary_positional_embeddings=True,
+                                            dtype=torch.float32, operations=torch.nn)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _wan_state_dict(seed: int) -> dict:
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    model = WanModel(model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=128, ffn_dim=256, freq_dim=256,
+                     text_dim=4096, out_dim=16, num_heads=1, num_layers=1, operations=comfy.ops.disable_weight_init)
+    gen = torch.Generator().manual_seed(seed)
+    return {k: 0.02 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+
+
+class CVXTestForeignModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CVXTestForeignModel",
+            display_name="CVX Test Foreign Model (test only)",
+            category="customvideox/testing",
+            inputs=[io.Combo.Input("arch", options=["wan21", "cogvideox_i2v"], default="wan21"),
+                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1)],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, arch: str, seed: int) -> io.NodeOutput:
+        import comfy.sd
+
+        sd = _wan_state_dict(seed) if arch == "wan21" else _cogvideox_i2v_state_dict(seed)
+        model = comfy.sd.load_diffusion_model_state_dict(sd)
+        if model is None:
+            raise RuntimeError(f"the host did not detect the tiny {arch} model")
+        return io.NodeOutput(model)
+
+
+class CVXTestForeignVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CVXTestForeignVAE",
+            display_name="CVX Test Foreign VAE (test only)",
+            category="customvideox/testing",
+            inputs=[io.Int.Input("latent_channels", default=4, min=1, max=64),
+                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1)],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, latent_channels: int, seed: int) -> io.NodeOutput:
+        import comfy.sd
+        import comfy.taesd.taesd
+
+        shapes = comfy.taesd.taesd.TAESD(latent_channels=latent_channels).state_dict()
+        gen = torch.Generator().manual_seed(seed)
+        sd = {k: 0.05 * torch.randn(v.shape, generator=gen) for k, v in shapes.items()}
+        return io.NodeOutput(comfy.sd.VAE(sd=sd))
+
+
+class CVXTestBadImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CVXTestBadImage",
+            display_name="CVX Test Bad Image (test only)",
+            category="customvideox/testing",
+            inputs=[io.Combo.Input("kind", options=["nan", "inf", "empty"], default="nan"),
+                    io.Int.Input("width", default=64, min=8, max=4096),
+                    io.Int.Input("height", default=64, min=8, max=4096)],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, kind: str, width: int, height: int) -> io.NodeOutput:
+        if kind == "empty":
+            return io.NodeOutput(torch.zeros(0, height, width, 3))
+        img = torch.full((1, height, width, 3), 0.5)
+        img[0, height // 2, width // 2, 1] = float("nan") if kind == "nan" else float("inf")
+        return io.NodeOutput(img)
+
+
+class CVXTestTokenizerClip(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CVXTestTokenizerClip",
+            display_name="CVX Test Tokenizer-only CLIP (test only)",
+            category="customvideox/testing",
+            inputs=[],
+            outputs=[io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        import comfy.sd
+        import comfy.text_encoders.cogvideo
+
+        clip = comfy.sd.CLIP.__new__(comfy.sd.CLIP)  # no text encoder: tokenizing only
+        clip.tokenizer = comfy.text_encoders.cogvideo.CogVideoXTokenizer()
+        clip.tokenizer_options = {}
+        return io.NodeOutput(clip)
+
+
+class CVXTestAnyString(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CVXTestAnyString",
+            display_name="CVX Test Any String (test only)",
+            category="customvideox/testing",
+            inputs=[io.String.Input("value", default="")],
+            outputs=[io.AnyType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, value: str) -> io.NodeOutput:
+        return io.NodeOutput(value)
+
+
+RELIABILITY_NODES: list[type[io.ComfyNode]] = [
+    CVXTestAttentionRecorder, CVXTestForeignModel, CVXTestForeignVAE, CVXTestBadImage, CVXTestTokenizerClip,
+    CVXTestAnyString,
+]
+
+
+class CVXTestNodesWithReliability(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*await CVXTestNodes().get_node_list(), *RELIABILITY_NODES]
+
+
+async def comfy_entrypoint() -> CVXTestNodesWithReliability:  # noqa: F811  (supersedes the entry point above)
+    return CVXTestNodesWithReliability()

@@ -1,0 +1,98 @@
+"""Prompt builders and bookkeeping shared by tests/test_reliability_*.py (issue 8).
+
+Graphs use the tiny models (tests/conftest.py ``tiny_models``), core nodes, the pack's nodes and the
+test-only nodes in tests/test_nodes_testonly. Tallies of bad inputs / faults / repeated runs go to
+``test-artifacts/reliability.json`` (one section per test file) and are printed at the end of a module.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from harness import graphs
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ARTIFACT = REPO_ROOT / "test-artifacts" / "reliability.json"
+
+# Tiny run: 32x32 pixels, 5 frames (2 latent frames of 4x4), short random text, 2 steps.
+SIZE = {"width": 32, "height": 32, "length": 5}
+STEPS = 2
+TEXT_LEN = 16
+REF, ENC, APPLY, IMG, VAE_ID = "ref_img", "ref_enc", "apply", "ref_vae_loader", "ref_vae"
+
+
+def base_prompt(tiny_models, seed: int = 0, save_name: str = "rel", route: str = "void",
+                **size: int) -> dict[str, Any]:
+    """The plain text-to-video graph (no pack node): UNETLoader -> sampler -> CVXTestSaveTensor."""
+    s = {**SIZE, **size}
+    return graphs.t2v_prompt(tiny_models.unet, None, route=route, steps=STEPS, seed=seed, text_length=TEXT_LEN,
+                             save_name=save_name, **s)
+
+
+def model_users(prompt: dict[str, Any]) -> list[tuple[str, str]]:
+    """(node id, input name) of every input linked to the loader's MODEL."""
+    return [(nid, name) for nid, node in prompt.items() for name, v in node["inputs"].items()
+            if v == [graphs.MODEL, 0]]
+
+
+def patched_prompt(tiny_models, seed: int = 0, ref_seed: int = 7, strength: float = 2.0,
+                   save_name: str = "rel", route: str = "void", apply_inputs: dict[str, Any] | None = None,
+                   enc_inputs: dict[str, Any] | None = None, **size: int) -> dict[str, Any]:
+    """``base_prompt`` with the reference path: CVXTestImage -> CustomVideoXReferenceEncode (the tiny
+    CogVideoX VAE) -> CustomVideoXApply on the loader's MODEL, feeding every model user."""
+    s = {**SIZE, **size}
+    p = base_prompt(tiny_models, seed=seed, save_name=save_name, route=route, **s)
+    users = model_users(p)
+    p[IMG] = {"class_type": "CVXTestImage",
+              "inputs": {"seed": ref_seed, "width": 40, "height": 24, "batch_size": 1}}
+    p[VAE_ID] = {"class_type": "VAELoader", "inputs": {"vae_name": tiny_models.vae}}
+    p[ENC] = {"class_type": "CustomVideoXReferenceEncode",
+              "inputs": {"vae": [VAE_ID, 0], "image": [IMG, 0], "width": s["width"], "height": s["height"],
+                         "fit": "pad", "background": "keep", **(enc_inputs or {})}}
+    p[APPLY] = {"class_type": "CustomVideoXApply",
+                "inputs": {"model": [graphs.MODEL, 0], "reference": [ENC, 0], "strength": strength,
+                           "block_start": 0, "block_end": -1, "apply_to_uncond": True,
+                           "attention_mode": "two_way", "reference_rope": "negative", **(apply_inputs or {})}}
+    for nid, name in users:
+        p[nid]["inputs"][name] = [APPLY, 0]
+    return p
+
+
+def insert_model_node(prompt: dict[str, Any], node_id: str, node: dict[str, Any], after: str) -> dict[str, Any]:
+    """A copy of ``prompt`` with ``node`` (whose "model" input is set to ``after``'s MODEL) placed between
+    ``after`` and every node that used ``after``'s MODEL."""
+    p = copy.deepcopy(prompt)
+    users = [(nid, name) for nid, n in p.items() for name, v in n["inputs"].items() if v == [after, 0]]
+    p[node_id] = copy.deepcopy(node)
+    p[node_id]["inputs"]["model"] = [after, 0]
+    for nid, name in users:
+        p[nid]["inputs"][name] = [node_id, 0]
+    return p
+
+
+def record(section: str, data: dict[str, Any]) -> None:
+    """Merge ``data`` into ``section`` of test-artifacts/reliability.json."""
+    ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        doc = json.loads(ARTIFACT.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        doc = {}
+    doc[section] = {**doc.get(section, {}), **data}
+    ARTIFACT.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+def report_line(config, text: str) -> None:
+    """Print ``text`` on the terminal even under ``-q`` and output capture."""
+    import contextlib
+
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    # Output capture is on during fixture teardown: suspend it so the line reaches the terminal.
+    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
+        if tr is not None:
+            tr.write_line(text)
+        else:  # pragma: no cover
+            print(text)
