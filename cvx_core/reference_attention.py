@@ -103,22 +103,23 @@ def reference_attention(
     region_bias: torch.Tensor | None = None,
     ref_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     attn: AttentionFn = sdpa,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None | str = "build",
 ) -> torch.Tensor:
     """Joint attention over ``layout`` with reference biases; returns ``[B, H, Sq, D]``.
 
     q, k, v: ``[B, H, S, D]`` (RoPE applied). ``ref_bias``: ``[B, n_refs]`` logit biases
     (``-inf`` = off). ``region_bias``: optional ``[B, n_refs, Sv]`` per-video-query biases
     (ERAE). ``ref_kv``: cached reference K/V for one-way mode (the keys then do not hold
-    the references yet). ``mask``: a column mask already built by :func:`column_bias` for
-    this call (pass it to build it once per model call rather than once per block).
+    the references yet). ``mask``: the column mask :func:`column_bias` gives for ``ref_bias``
+    (None included), passed in to build it once per model call rather than once per block;
+    by default it is built here.
     """
     if ref_kv is not None:
         k, v = insert_reference_kv(k, v, layout.text, ref_kv)
     if k.shape[2] != layout.keys or q.shape[2] != layout.queries:
         raise ValueError(f"attention has {q.shape[2]} queries / {k.shape[2]} keys, "
                          f"layout expects {layout.queries} / {layout.keys}")
-    if mask is None:
+    if isinstance(mask, str):
         mask = column_bias(layout, ref_bias, q.dtype)
     D = v.shape[-1]
     if region_bias is not None:

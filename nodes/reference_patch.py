@@ -232,9 +232,12 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
         progress_from_sigmas(float(sigmas.max()), sample_sigmas)
     row_bias, owner = _row_bias(entries, progress, transformer_options.get("cond_or_uncond") or [],
                                 x.shape[0], x.device)
-    if bool(torch.isneginf(row_bias).all()):
+    off = torch.isneginf(row_bias).all(dim=1)
+    if bool(off.all()):
         # Every reference is off for every row: the exact base model, no extra tokens.
         return executor(x, timestep, context, ofs, transformer_options, **kwargs)
+    if bool(off.any()) and not kwargs and transformer_options.get("cond_or_uncond"):
+        return _split_rows(executor, off, x, timestep, context, ofs, transformer_options)
 
     p_t = dm.patch_size_t or 1
     _, _, t, h, w = x.shape
@@ -271,10 +274,38 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
     return out[:, :, ref_frames:]
 
 
+def _split_rows(executor, off: torch.Tensor, x, timestep, context, ofs, transformer_options):
+    """Rows whose references are all off (e.g. uncond with apply_to_uncond off) run without the
+    reference tokens: exact, and cheaper than masking them inside the batch (bench/README.md)."""
+    chunks = transformer_options["cond_or_uncond"]
+    per = x.shape[0] // len(chunks)
+    out = torch.empty_like(x)
+    for rows_off in (True, False):
+        keep = [i for i in range(len(chunks)) if bool(off[i * per]) == rows_off]
+        idx = torch.tensor([i * per + j for i in keep for j in range(per)], device=x.device)
+        opts = {}
+        for key, value in transformer_options.items():
+            if isinstance(value, list) and len(value) == len(chunks):
+                value = [value[i] for i in keep]
+            elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == x.shape[0]:
+                value = value[idx]
+            opts[key] = value
+        args = (x[idx], timestep[idx], context[idx], None if ofs is None else ofs[idx], opts)
+        out[idx] = executor(*args) if rows_off else diffusion_wrapper(executor, *args)
+    return out
+
+
 def _one_way_kv(dm, entries, context, transformer_options, ofs, x, cond_row: int):
-    run: dict | None = getattr(transformer_options.get(RUN_KEY), "kv", None)
+    cache: RunCache | None = transformer_options.get(RUN_KEY)
+    run = cache.kv if cache is not None else None
     rotary = dm._get_rotary_emb if hasattr(dm._get_rotary_emb, "table") else RotaryPatch(dm, "host")
-    text = context[cond_row:cond_row + 1]
+    # The reference pass reads the positive prompt, whichever rows this call holds (the host may run
+    # cond and uncond in one batch or apart); outside a sampler, the call's cond row.
+    if cache is not None and cache.text is not None and cache.text.shape[1:] == context.shape[1:]:
+        cache.text = cache.text.to(context.device, context.dtype)
+        text = cache.text[:1]
+    else:
+        text = context[cond_row:cond_row + 1]
     out = []
     for e in entries:
         # The sampler rebuilds the conditioning batch every step: compare the text by value.
@@ -378,17 +409,24 @@ def _takes_mask(fn) -> bool:
 
 
 class RunCache:
-    """Per sampling run: one-way reference K/V by entry. Not a dict, so the host's per-call
-    copies of transformer_options share it instead of copying it."""
+    """Per sampling run: one-way reference K/V by entry, and the positive prompt the reference
+    pass reads. Not a dict, so the host's per-call copies of transformer_options share it."""
 
-    def __init__(self) -> None:
+    def __init__(self, text: torch.Tensor | None = None) -> None:
         self.kv: dict = {}
+        self.text = text
+
+
+def _positive_text(guider) -> torch.Tensor | None:
+    positive = (getattr(guider, "conds", None) or {}).get("positive") or []
+    text = positive[0].get("cross_attn") if positive else None
+    return text if isinstance(text, torch.Tensor) else None
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
     """Owns the per-run cache; it is dropped when sampling ends, however it ends."""
     opts = executor.class_obj.model_options.setdefault("transformer_options", {})
-    opts[RUN_KEY] = RunCache()
+    opts[RUN_KEY] = RunCache(_positive_text(executor.class_obj))
     try:
         return executor(*args, **kwargs)
     finally:

@@ -55,7 +55,8 @@ def test_patched_host_model_equals_diffusers_with_reference_as_extra_frame(host,
 
 
 def test_reference_off_through_the_patch_equals_diffusers_stock(host, tiny_models):
-    """Negative reference position, strength 0 but one finite row: the masked path, not the shortcut."""
+    """Reference on for the cond row only: the uncond row is exactly the unpatched model (it runs without
+    reference tokens), and both rows match diffusers where they should."""
     import comfy.sd
 
     sd = tiny_models.native_state_dict("native_1_0")
@@ -64,7 +65,7 @@ def test_reference_off_through_the_patch_equals_diffusers_stock(host, tiny_model
     x = torch.randn(2, 16, 3, 8, 10, generator=g)
     ctx = torch.randn(2, 226, 32, generator=g)
     t = torch.tensor([300.0, 300.0])
-    # Row 0 is cond (reference on), row 1 uncond with apply_to_uncond off (reference masked).
+    # Row 0 is cond (reference on), row 1 uncond with apply_to_uncond off.
     rp = host.pack("nodes.reference_patch")
     types = host.pack("nodes.types")
     import comfy.model_management
@@ -82,3 +83,9 @@ def test_reference_off_through_the_patch_equals_diffusers_stock(host, tiny_model
     assert torch.allclose(ours[1], stock[1], atol=2e-5), (ours[1] - stock[1]).abs().max()
     assert (ours[0] - stock[0]).abs().max() > 1e-4
     assert not math.isnan(float(ours.sum()))
+    plain = rp.install_rotary(model, "exact")
+    comfy.model_management.load_models_gpu([plain])
+    with torch.no_grad():
+        unpatched = plain.model.diffusion_model(x[1:], t[1:], ctx[1:], transformer_options=dict(
+            plain.model_options["transformer_options"], cond_or_uncond=[1]))
+    assert torch.equal(ours[1:], unpatched)  # bit for bit (the same batch shape as the split call)
