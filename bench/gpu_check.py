@@ -28,41 +28,27 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cvx_core.reference_attention import reference_attention_lse  # noqa: E402
+from cvx_core.token_layout import TokenLayout  # noqa: E402
 
 HEADS, HEAD_DIM, TEXT, PER_FRAME = 48, 64, 226, 1350
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output and log-sum-exp (natural log, ``[B, H, Sq]`` float32) of one flash attention call."""
-    if q.device.type == "cuda":
-        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
-        return out[0], out[1]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-    return out, lse
-
-
 def lse_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int, ref: int,
-              bias: torch.Tensor, region: torch.Tensor | None = None, video_start: int | None = None) -> torch.Tensor:
-    """Attention over keys ``[text | ref | video]`` with logit bias ``bias[b]`` (+ ``region[b, q]`` for video
-    queries) on the reference keys, as two flash calls merged by log-sum-exp. ``bias``: ``[B]``;
-    ``region``: ``[B, Sv]``; queries are ``[text | video]`` (one-way) or ``[text | ref | video]``."""
-    rest_k = torch.cat([k[:, :, :text], k[:, :, text + ref:]], dim=2)
-    rest_v = torch.cat([v[:, :, :text], v[:, :, text + ref:]], dim=2)
-    o1, l1 = flash_lse(q, rest_k, rest_v)
-    o2, l2 = flash_lse(q, k[:, :, text:text + ref], v[:, :, text:text + ref])
-    shift = bias.float().view(-1, 1, 1).expand(-1, 1, q.shape[2]).clone()
-    if region is not None:
-        vs = video_start if video_start is not None else q.shape[2] - region.shape[1]
-        shift[:, 0, vs:vs + region.shape[1]] += region.float()
-    l2 = l2 + shift
-    m = torch.maximum(l1, l2)
-    w1, w2 = (l1 - m).exp(), (l2 - m).exp()
-    den = w1 + w2
-    return ((o1.float() * (w1 / den)[..., None]) + (o2.float() * (w2 / den)[..., None])).to(q.dtype)
+              bias: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+    """The pack's ``CVX_ATTENTION=lse`` path (cvx_core.reference_attention_lse) on keys ``[text | ref | video]``
+    and queries ``[text | ref | video]`` or ``[text | video]``: bias ``[B]`` (+ ``region[B, Sv]`` on video
+    queries) on the reference keys."""
+    video = k.shape[2] - text - ref
+    layout = TokenLayout(text=text, refs=(ref,), grid=(1, 1, video), refs_in_queries=q.shape[2] == k.shape[2])
+    return reference_attention_lse(q, k, v, layout, bias.view(-1, 1), None if region is None else region[:, None])
 
 
 def dense_reference(q, k, v, text: int, ref: int, bias: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:

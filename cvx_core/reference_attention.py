@@ -125,3 +125,57 @@ def reference_attention(
     if region_bias is not None:
         q, k, v = fold_region_bias(q, k, v, layout, region_bias)
     return attn(q, k, v, mask)[..., :D]
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention and its log-sum-exp ``[B, H, Sq]``, from torch's fused kernels.
+
+    CUDA: the flash kernel for fp16/bf16, the memory-efficient one otherwise; CPU: the CPU flash
+    kernel. These are torch-internal ops (stable across 2.x), used only by the ``"lse"`` path.
+    """
+    if q.is_cuda:
+        if q.dtype in (torch.float16, torch.bfloat16):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+        return out, lse.float()
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    return out, lse.float()
+
+
+def reference_attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TokenLayout,
+    ref_bias: torch.Tensor,
+    region_bias: torch.Tensor | None = None,
+    ref_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """The same attention as :func:`reference_attention`, as unmasked fused calls merged by log-sum-exp.
+
+    One call over the text and video keys and one per reference. A bias that is constant over a
+    reference's keys, per query (TAB per row, ERAE per video query), only shifts that call's
+    log-sum-exp, so no mask and no extra channel is needed and every call stays on the flash
+    kernel. Costs a copy of the text+video K/V in two-way mode and one fused call per reference.
+    """
+    text, vq = layout.text, layout.video_query_start
+    if ref_kv is None:
+        spans = [layout.ref_key_span(j) for j in range(len(layout.refs))]
+        ref_kv = [(k[:, :, a:b], v[:, :, a:b]) for a, b in spans]
+        vk = layout.video_key_start
+        k, v = torch.cat([k[:, :, :text], k[:, :, vk:]], 2), torch.cat([v[:, :, :text], v[:, :, vk:]], 2)
+    B = q.shape[0]
+    outs, lses = [], []
+    out, lse = attention_with_lse(q, k, v)
+    outs.append(out)
+    lses.append(lse)
+    for j, (rk, rv) in enumerate(ref_kv):
+        out, lse = attention_with_lse(q, rk.expand(B, -1, -1, -1).to(q.dtype), rv.expand(B, -1, -1, -1).to(q.dtype))
+        shift = ref_bias[:, j, None, None].float().expand(B, 1, q.shape[2]).clone()
+        if region_bias is not None:
+            shift[:, 0, vq:vq + layout.video] += region_bias[:, j].float()
+        outs.append(out)
+        lses.append(lse + shift)
+    weights = torch.softmax(torch.stack(lses), dim=0)  # [G, B, H, Sq]; a -inf bias gives weight 0
+    return sum(w[..., None].to(o.dtype) * o for w, o in zip(weights, outs))

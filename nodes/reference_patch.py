@@ -23,6 +23,7 @@ import contextvars
 import inspect
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -32,7 +33,7 @@ import torch
 
 from ..cvx_core import rope
 from ..cvx_core.entity_region import EntityRegion, entity_map_from_attention, mask_to_token_map, refine_map
-from ..cvx_core.reference_attention import column_bias, reference_attention
+from ..cvx_core.reference_attention import column_bias, reference_attention, reference_attention_lse
 from ..cvx_core.tab_schedule import TABSchedule, progress_from_sigmas, reference_bias, strength_to_bias
 from ..cvx_core.token_layout import TokenLayout
 
@@ -127,6 +128,10 @@ class ForwardState:
     ref_owner: list[int]  # entry index of each reference
     num_blocks: int
     cond_row: int = 0
+    # CVX_ATTENTION=lse: unmasked fused calls merged by log-sum-exp instead of the host's attention
+    # with a column mask (keeps GPU flash kernels; bypasses the host's attention choice). Not the
+    # default until measured on a GPU (bench/gpu_check.py).
+    lse: bool = field(default_factory=lambda: os.environ.get("CVX_ATTENTION", "mask") == "lse")
     ref_kv: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # one-way: per entry, per block
     region_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # entry -> [B, Sv]
     masks: dict[tuple[bool, ...], torch.Tensor | None] = field(default_factory=dict)
@@ -357,8 +362,6 @@ class AttentionOverride:
             q, k, v = (t.view(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
         layout = state.layout
         active = tuple(e.in_range(block, state.num_blocks) for e in state.entries)
-        if active not in state.masks:
-            state.masks[active] = column_bias(layout, state.block_bias(active), q.dtype)
         region = self._region(state, block, active, q, k)
         ref_kv = None
         if state.ref_kv is not None:
@@ -367,8 +370,13 @@ class AttentionOverride:
         def attn(q_, k_, v_, mask):
             return call(q_, k_, v_, heads, *rest, mask=mask, skip_reshape=True, skip_output_reshape=True, **kwargs)
 
-        out = reference_attention(q, k, v, layout, state.row_bias, region, ref_kv, attn=attn,
-                                  mask=state.masks[active])
+        if state.lse:
+            out = reference_attention_lse(q, k, v, layout, state.block_bias(active), region, ref_kv)
+        else:
+            if active not in state.masks:
+                state.masks[active] = column_bias(layout, state.block_bias(active), q.dtype)
+            out = reference_attention(q, k, v, layout, state.row_bias, region, ref_kv, attn=attn,
+                                      mask=state.masks[active])
         if skip_out:
             return out
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)

@@ -89,3 +89,24 @@ def test_reference_off_through_the_patch_equals_diffusers_stock(host, tiny_model
         unpatched = plain.model.diffusion_model(x[1:], t[1:], ctx[1:], transformer_options=dict(
             plain.model_options["transformer_options"], cond_or_uncond=[1]))
     assert torch.equal(ours[1:], unpatched)  # bit for bit (the same batch shape as the split call)
+
+
+@pytest.mark.parametrize("mode", ["two_way", "one_way"])
+def test_lse_attention_switch_equals_the_default_path(host, tiny_models, monkeypatch, mode):
+    """CVX_ATTENTION=lse (fused calls merged by log-sum-exp) computes what the masked default does."""
+    import comfy.sd
+
+    er = host.pack("cvx_core.entity_region")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 16, 3, 8, 10, generator=g)
+    raw_ref = torch.randn(1, 16, 1, 8, 10, generator=g)
+    ctx = torch.randn(2, 226, 32, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    region = er.EntityRegion(mode="auto", entity_idx=(1, 2), map_block=0, lam=2.0)
+    outs = {}
+    for path in ("mask", "lse"):
+        monkeypatch.setenv("CVX_ATTENTION", path)
+        model = comfy.sd.load_diffusion_model_state_dict(tiny_models.native_state_dict("native_1_0"))
+        outs[path] = patched_forward(host, model, raw_ref, x, t, ctx, strength=2.0, attention_mode=mode,
+                                     reference_rope="negative", region=region)[1]
+    assert torch.allclose(outs["lse"], outs["mask"], atol=1e-5), (outs["lse"] - outs["mask"]).abs().max()

@@ -212,3 +212,24 @@ def test_no_dense_bias_is_allocated_at_full_geometry():
         biggest = max(math.prod(s) for s in rec.shapes)
         assert biggest <= B * H * FULL.keys * (D + 8)
         assert not any(len(s) >= 2 and s[-2:] in ((FULL.queries, FULL.keys), (FULL.queries, 1350)) for s in rec.shapes)
+
+
+@pytest.mark.parametrize("one_way", [False, True])
+def test_lse_merge_path_equals_the_masked_path(one_way):
+    """The fused-kernel switch (issue 7): unmasked calls merged by log-sum-exp give the same attention."""
+    from cvx_core.reference_attention import reference_attention_lse
+
+    g = torch.Generator().manual_seed(11)
+    B, H, D, text, R, grid = 2, 2, 16, 5, 6, (2, 2, 3)
+    layout = TokenLayout(text=text, refs=(R, R), grid=grid, refs_in_queries=not one_way)
+    n_keys = text + layout.video + (0 if one_way else 2 * R)
+    q = torch.randn(B, H, layout.queries, D, generator=g)
+    k, v = (torch.randn(B, H, n_keys, D, generator=g) for _ in range(2))
+    kv = [(torch.randn(1, H, R, D, generator=g), torch.randn(1, H, R, D, generator=g)) for _ in range(2)] \
+        if one_way else None
+    region = torch.rand(B, 2, layout.video, generator=g)
+    for ref_bias in (torch.tensor([[0.5, -math.inf], [1.0, 0.0]]), torch.full((B, 2), -math.inf)):
+        for reg in (None, region):
+            want = reference_attention(q, k, v, layout, ref_bias, reg, ref_kv=kv)
+            got = reference_attention_lse(q, k, v, layout, ref_bias, reg, ref_kv=kv)
+            assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
