@@ -135,6 +135,7 @@ class ForwardState:
     ref_kv: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # one-way: per entry, per block
     region_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # entry -> [B, Sv]
     masks: dict[tuple[bool, ...], torch.Tensor | None] = field(default_factory=dict)
+    region_bias: dict[tuple[bool, ...], torch.Tensor] = field(default_factory=dict)  # [B, n_refs, Sv]
     block: int = 0
 
     def block_bias(self, active: tuple[bool, ...]) -> torch.Tensor:
@@ -394,18 +395,18 @@ class AttentionOverride:
             # Only a cond row's prompt holds the entity: its map serves every row.
             m = m[state.cond_row:state.cond_row + 1].expand(q.shape[0], -1)
             state.region_maps[e_i] = refine_map(m, layout.grid, r.refine, r.top_k, r.smooth)
-        cols = []
-        any_region = False
-        for e_i, e in enumerate(state.entries):
-            m = state.region_maps.get(e_i)
-            use = m is not None and active[e_i] and not (e.region.mode == "auto" and block <= e.region.map_block)
-            for _ in range(e.count):
-                cols.append(m * e.region.lam if use else None)
-            any_region |= use
-        if not any_region:
+            state.region_bias.clear()
+        uses = tuple(state.region_maps.get(e_i) is not None and active[e_i]
+                     and not (e.region.mode == "auto" and block <= e.region.map_block)
+                     for e_i, e in enumerate(state.entries))
+        if not any(uses):
             return None
-        zeros = torch.zeros(q.shape[0], layout.video, device=q.device)
-        return torch.stack([c if c is not None else zeros for c in cols], dim=1)
+        if uses not in state.region_bias:  # built once per call and block set, not once per block
+            zeros = torch.zeros(q.shape[0], layout.video, device=q.device)
+            state.region_bias[uses] = torch.stack(
+                [state.region_maps[e_i] * e.region.lam if use else zeros
+                 for e_i, (e, use) in enumerate(zip(state.entries, uses)) for _ in range(e.count)], dim=1)
+        return state.region_bias[uses]
 
 
 def _takes_mask(fn) -> bool:
@@ -442,9 +443,11 @@ def outer_sample_wrapper(executor, *args, **kwargs):
 
 
 def prepare_sampling_wrapper(executor, model, noise_shape, *args, **kwargs):
-    """Count the reference frames in the host's memory estimate (as extra latent frames)."""
+    """Count the reference frames in the host's memory estimate (as extra latent frames). One-way
+    references are counted the same way: their cached per-block K/V and their own pass are of the
+    order of one more frame's activations."""
     entries = model.model_options.get("transformer_options", {}).get(ENTRIES_KEY) or []
-    extra = sum(e.latent.shape[2] * e.count for e in entries if e.mode == "two_way")
+    extra = sum(e.latent.shape[2] * e.count for e in entries)
     if extra and len(noise_shape) == 5:
         noise_shape = torch.Size([*noise_shape[:2], noise_shape[2] + extra, *noise_shape[3:]])
     return executor(model, noise_shape, *args, **kwargs)
