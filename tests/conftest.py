@@ -93,3 +93,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     srv = getattr(item, "funcargs", {}).get("server")
     if report.failed and isinstance(srv, _host.ServerProcess):
         report.sections.append(("ComfyUI server log (tail)", srv.log_tail()))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny-model tests are latency-bound: one torch thread is several times faster than two on a shared,
+    loaded 2-core CPU. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,7 +18,7 @@ from harness import graphs
 from harness.host import HostRunError
 from safetensors.torch import load_file, save_file
 
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("one_thread")]
 
 TEXT_LEN = 8
 RANK, ALPHA, FF_OUT_ALPHA = 4, 8.0, 4.0
@@ -27,13 +27,6 @@ DIFFUSERS_SUB = {"q": "attn1.to_q", "k": "attn1.to_k", "v": "attn1.to_v", "attn_
 LAYOUTS = ("peft_config", "peft_metadata", "kohya", "native")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than the maths on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

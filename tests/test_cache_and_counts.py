@@ -25,7 +25,7 @@ import tiny_models as tm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("one_thread")]
 
 REPO = Path(__file__).resolve().parents[1]
 PACK = "cvx_cache_test_pack"  # this file's own import of the pack (its modules use relative imports)
@@ -43,13 +43,6 @@ def _pack(sub: str) -> ModuleType:
     return importlib.import_module(f"{PACK}.{sub}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny ops are latency-bound: one thread is ~5x faster than two on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -46,11 +46,8 @@ REPEATS = 20
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread(request) -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fault_report(request, one_thread) -> Iterator[None]:
     yield
-    torch.set_num_threads(n)
     rg.record("faults", FAULTS)
     rg.report_line(request.config, f"\nreliability: faults injected {FAULTS['injected']}, survived "
                                    f"{FAULTS['survived']} (test-artifacts/reliability.json)")

@@ -24,7 +24,7 @@ from harness import graphs
 from harness.host import HostRunError
 from safetensors.torch import save_file
 
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("one_thread")]
 
 TALLY: dict[str, Any] = {"tried": 0, "handled": 0, "cases": {}}
 
@@ -37,13 +37,6 @@ def tally(request) -> Iterator[None]:
     rg.report_line(request.config, f"\nreliability: bad inputs tried {tried}, gave the expected clear error "
                                    f"{handled} (test-artifacts/reliability.json)")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @dataclass

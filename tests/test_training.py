@@ -18,19 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("one_thread")]
 
 SIZE, FRAMES, TEXT_LEN = 32, 9, 8
 COLOURS = {"red_box": (230, 40, 40), "green_box": (40, 200, 60), "blue_box": (50, 60, 220)}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than the maths (10x slower with 2 threads on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from workflow_ui import input_specs, spec_type  # scripts/, on sys.path via the conftest: one schema reader
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 API_DIR = REPO_ROOT / "workflows" / "api"
 UI_DIR = REPO_ROOT / "workflows" / "ui"
@@ -59,22 +61,6 @@ def is_link(value: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- schemas
-def input_specs(info: dict[str, Any]) -> list[tuple[str, list[Any], bool]]:
-    """``(name, spec, optional)`` in the web UI's widget order: required then optional, by input_order."""
-    inputs = info.get("input", {})
-    order = info.get("input_order", {})
-    out: list[tuple[str, list[Any], bool]] = []
-    for section, optional in (("required", False), ("optional", True)):
-        specs = inputs.get(section) or {}
-        names = order.get(section) or list(specs)
-        out += [(n, specs[n], optional) for n in names if n in specs]
-    return out
-
-
-def spec_type(spec: list[Any]) -> str:
-    return "COMBO" if isinstance(spec[0], list) else str(spec[0])
-
-
 def spec_opts(spec: list[Any]) -> dict[str, Any]:
     return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
 
