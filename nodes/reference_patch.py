@@ -429,7 +429,8 @@ class RunCache:
 def _positive_text(guider) -> torch.Tensor | None:
     positive = (getattr(guider, "conds", None) or {}).get("positive") or []
     text = positive[0].get("cross_attn") if positive else None
-    return text if isinstance(text, torch.Tensor) else None
+    # A copy: run state must not alias the user's conditioning (it is dropped with the run).
+    return text[:1].clone() if isinstance(text, torch.Tensor) else None
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
