@@ -40,8 +40,6 @@ Run from the repo root: ``.venv/bin/python bench/block_bench.py [--frames 13] [-
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import math
 import statistics
 import sys
@@ -82,21 +80,10 @@ def boot_host(attention: str = "host", cpu: bool = True) -> None:
     bootstrap_host_args((["--cpu"] if cpu else []) + ATTENTION_FLAGS[attention])
 
 
-def load_pack(name: str = "cvx_bench_pack") -> ModuleType:
-    """Import this repo as a package (its modules use relative imports) under ``name``."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+def pack_module(sub: str) -> ModuleType:
+    from pack_import import pack_module as load  # scripts/, on sys.path once boot_host ran
 
-
-def pack_module(sub: str, name: str = "cvx_bench_pack") -> ModuleType:
-    load_pack(name)
-    return importlib.import_module(f"{name}.{sub}")
+    return load(sub)
 
 
 def environment_line(device: torch.device | str = "cpu") -> str:

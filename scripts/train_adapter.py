@@ -13,14 +13,13 @@ Copy the adapter into models/loras to load it with CustomVideoXAdapterLoader.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
+from pack_import import pack_module  # scripts/, beside this file
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST_DIR = REPO_ROOT / ".host" / "ComfyUI"
-PACK = "customvideox"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,26 +68,16 @@ def boot_host(cpu: bool) -> None:
         sys.argv = saved
 
 
-def import_pack():
-    """This repository as the package the host would load (its modules use relative imports)."""
-    spec = importlib.util.spec_from_file_location(PACK, REPO_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(REPO_ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     boot_host(args.cpu)
-    import_pack()
     import comfy.sd
     import comfy.utils
 
-    dataset = importlib.import_module(f"{PACK}.cvx_core.dataset")
-    training = importlib.import_module(f"{PACK}.cvx_core.training")
-    loader = importlib.import_module(f"{PACK}.nodes.model_loader")
-    train = importlib.import_module(f"{PACK}.nodes.train_adapter")
+    dataset = pack_module("cvx_core.dataset")
+    training = pack_module("cvx_core.training")
+    loader = pack_module("nodes.model_loader")
+    train = pack_module("nodes.train_adapter")
 
     dtype = loader.WEIGHT_DTYPES[args.weight_dtype]
     model = loader.load_cogvideox(args.model, {} if dtype is None else {"dtype": dtype})

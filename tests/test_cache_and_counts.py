@@ -9,47 +9,31 @@ attributes that the patch code looks up at call time (``reference_stream_kv``, `
 from __future__ import annotations
 
 import gc
-import importlib
-import importlib.util
 import math
-import sys
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 import tiny_models as tm
 import torch
+from pack_import import pack_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
 pytestmark = [pytest.mark.host, pytest.mark.usefixtures("one_thread")]
 
-REPO = Path(__file__).resolve().parents[1]
-PACK = "cvx_cache_test_pack"  # this file's own import of the pack (its modules use relative imports)
 BLOCKS, STEPS = 4, 3
-
-
-def _pack(sub: str) -> ModuleType:
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
-    return importlib.import_module(f"{PACK}.{sub}")
 
 
 
 
 @pytest.fixture(scope="module")
 def pk() -> SimpleNamespace:
-    return SimpleNamespace(rp=_pack("nodes.reference_patch"), apply=_pack("nodes.apply"), types=_pack("nodes.types"),
-                           ra=_pack("cvx_core.reference_attention"), er=_pack("cvx_core.entity_region"),
-                           tab=_pack("cvx_core.tab_schedule"))
+    return SimpleNamespace(rp=pack_module("nodes.reference_patch"), apply=pack_module("nodes.apply"), types=pack_module("nodes.types"),
+                           ra=pack_module("cvx_core.reference_attention"), er=pack_module("cvx_core.entity_region"),
+                           tab=pack_module("cvx_core.tab_schedule"))
 
 
 def _load(seed: int):

@@ -7,8 +7,6 @@ models from scripts/tiny_models.py; diffusers' CogVideoXTransformer3DModel is th
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import pickle
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pack_import import pack_module
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -38,18 +37,7 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_regi
 
 pytestmark = pytest.mark.host
 
-PACK = "customvideox"
 TEXT_LEN = 16
-
-
-def pack_module(name: str):
-    """A module of this pack, imported as the package the host would load (relative imports work)."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK}.{name}")
 
 
 ck = pack_module("cvx_core.checkpoint_keys")
