@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from workflow_ui import input_specs, spec_type  # scripts/, on sys.path via the conftest: one schema reader
+# scripts/, on sys.path via the conftest: one schema reader for the converter and the checks
+from workflow_ui import default_value, has_control_widget, input_specs, is_widget, spec_options, spec_type
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 API_DIR = REPO_ROOT / "workflows" / "api"
@@ -44,7 +45,6 @@ FILE_INPUTS = {
     ("VAELoader", "vae_name"),
     ("LoadImage", "image"),
 }
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 
 
@@ -61,20 +61,12 @@ def is_link(value: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- schemas
-def spec_opts(spec: list[Any]) -> dict[str, Any]:
-    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-
-
 def combo_choices(spec: list[Any]) -> list[Any]:
-    return spec[0] if isinstance(spec[0], list) else list(spec_opts(spec).get("options", []))
-
-
-def is_widget(spec: list[Any]) -> bool:
-    return spec_type(spec) in WIDGET_TYPES | {DYNAMIC_COMBO} and not spec_opts(spec).get("forceInput")
+    return spec[0] if isinstance(spec[0], list) else list(spec_options(spec).get("options", []))
 
 
 def _dynamic_inputs(spec: list[Any], key: Any) -> list[tuple[str, list[Any], bool]] | None:
-    for option in spec_opts(spec).get("options", []):
+    for option in spec_options(spec).get("options", []):
         if option.get("key") == key:
             return input_specs({"input": option.get("inputs", {})})
     return None
@@ -89,25 +81,12 @@ def expanded_specs(info: dict[str, Any], values: dict[str, Any]) -> list[tuple[s
             full = prefix + name
             out.append((full, spec, optional))
             if spec_type(spec) == DYNAMIC_COMBO:
-                sub = _dynamic_inputs(spec, values.get(full, _default(spec)))
+                sub = _dynamic_inputs(spec, values.get(full, default_value(spec)))
                 if sub:
                     add(sub, full + ".")
 
     add(input_specs(info), "")
     return out
-
-
-def _default(spec: list[Any]) -> Any:
-    opts = spec_opts(spec)
-    if "default" in opts:
-        return opts["default"]
-    t = spec_type(spec)
-    if t == DYNAMIC_COMBO:
-        return opts["options"][0]["key"]
-    if t == "COMBO":
-        choices = combo_choices(spec)
-        return choices[0] if choices else None
-    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(t)
 
 
 def types_match(out_type: str, in_type: str) -> bool:
@@ -162,7 +141,7 @@ def check_api(api: dict[str, Any], object_info: dict[str, Any], allow_missing_fi
 
 
 def _check_value(ctype: str, name: str, spec: list[Any], value: Any, allow_missing_files: bool) -> list[str]:
-    t, opts = spec_type(spec), spec_opts(spec)
+    t, opts = spec_type(spec), spec_options(spec)
     if t in ("COMBO", DYNAMIC_COMBO):
         choices = ([o["key"] for o in opts.get("options", [])] if t == DYNAMIC_COMBO else combo_choices(spec))
         if value not in choices and not (allow_missing_files and (ctype, name) in FILE_INPUTS):
@@ -191,13 +170,12 @@ def ui_widget_names(info: dict[str, Any], values_by_name: dict[str, Any]) -> lis
                 continue
             full = prefix + name
             names.append(full)
-            flag = spec_opts(spec).get("control_after_generate")
-            if (bool(flag) if flag is not None else (spec_type(spec) == "INT" and name in ("seed", "noise_seed"))):
+            if has_control_widget(name, spec):
                 names.append("control_after_generate")
-            if spec_opts(spec).get("image_upload"):
+            if spec_options(spec).get("image_upload"):
                 names.append("upload")
             if spec_type(spec) == DYNAMIC_COMBO:
-                sub = _dynamic_inputs(spec, values_by_name.get(full, _default(spec)))
+                sub = _dynamic_inputs(spec, values_by_name.get(full, default_value(spec)))
                 if sub:
                     add(sub, full + ".")
 
@@ -295,7 +273,7 @@ def with_defaults(api: dict[str, Any], object_info: dict[str, Any]) -> dict[str,
         info = object_info[node["class_type"]]
         for name, spec, _ in expanded_specs(info, node["inputs"]):
             if name not in node["inputs"] and is_widget(spec):
-                node["inputs"][name] = _default(spec)
+                node["inputs"][name] = default_value(spec)
     return out
 
 
