@@ -198,3 +198,40 @@ def test_node_errors_name_the_node_and_the_fix(host, wan_sd):
     x, _, ctx, t = inputs(0, refs=1, leading=False)
     with pytest.raises(ValueError, match=f"{NODE}: this model call has no reference frames"):
         host_run(host, wan_sd, x, t, ctx, strength=2.0)
+
+
+def test_vace_model_leading_frame_bias_is_exact_at_one_and_reaches_the_vace_blocks(host, monkeypatch):
+    """On a real VaceWanModel (main blocks + a VACE block at index 0): strength 1 is the unpatched
+    model bit for bit; strength 2 biases the self-attention of both the main and the VACE block."""
+    wr = host.pack("nodes.wan_reference_frames")
+    sd = tw.build_wan_state_dict(seed=1, vace=True)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 16, 1 + T, H, W, generator=g)
+    ctx = torch.randn(2, 12, 4096, generator=g)
+    vace = {"vace_context": torch.randn(2, 1, 96, 1 + T, H, W, generator=g), "vace_strength": [1.0]}
+    t = torch.tensor([500.0, 500.0])
+
+    def run(**node_kw):
+        import comfy.model_management
+        import comfy.sd
+
+        model = comfy.sd.load_diffusion_model_state_dict(dict(sd))
+        if node_kw:
+            model = host.node_classes[NODE].execute(model=model, leading_frames=1, block_start=0, block_end=-1,
+                                                    apply_to_uncond=True, **node_kw).result[0]
+        comfy.model_management.load_models_gpu([model])
+        to = dict(model.model_options["transformer_options"], wrappers=model.wrappers)
+        with torch.no_grad():
+            return model.model.diffusion_model(x, t, ctx, transformer_options=to, **vace)
+
+    biased = []
+    real_mask = wr.FramesState.mask
+    monkeypatch.setattr(wr.FramesState, "mask", lambda self, active, dtype: biased.append(
+        (self.order.block, self.order.count)) or real_mask(self, active, dtype))
+    plain = run()
+    assert torch.equal(run(strength=1.0), plain)
+    biased.clear()
+    stronger = run(strength=2.0)
+    assert torch.isfinite(stronger).all() and (stronger - plain).abs().max() > 1e-3
+    # (block, calls so far in it): the main block's self-attention is call 1, the VACE block's call 3.
+    assert (0, 1) in biased and (0, 3) in biased and (1, 1) in biased
