@@ -10,6 +10,7 @@ from .entity_region import CustomVideoXEntityRegion
 from .evaluate import CustomVideoXEvaluate
 from .model_loader import CustomVideoXModelLoader
 from .reference_encode import CustomVideoXReferenceEncode
+from .reference_frames_bias import CustomVideoXReferenceFramesBias
 from .tab_schedule import CustomVideoXTABSchedule
 from .train_adapter import CustomVideoXTrainAdapter
 
@@ -22,4 +23,5 @@ NODES: list[type[io.ComfyNode]] = [
     CustomVideoXAdapterLoader,
     CustomVideoXTrainAdapter,
     CustomVideoXEvaluate,
+    CustomVideoXReferenceFramesBias,
 ]

@@ -38,6 +38,7 @@ PACK_NODE_IDS = [
     "CustomVideoXAdapterLoader",
     "CustomVideoXTrainAdapter",
     "CustomVideoXEvaluate",
+    "CustomVideoXReferenceFramesBias",
 ]
 TEST_NODE_IDS = ["CVXTestTextConditioning", "CVXTestImage", "CVXTestSaveTensor"]
 HOST_ARGV = ["--cpu"]

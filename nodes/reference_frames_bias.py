@@ -1,0 +1,66 @@
+"""CustomVideoXReferenceFramesBias: TAB/ERAE on the reference frames of a native Wan Phantom or VACE run."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .reference_patch import PatchError
+from .types import CATEGORY, CVXRegion, CVXSchedule
+from .wan_backbone import check_wan, is_vace
+from .wan_reference_frames import NODE, FramesEntry, apply_frames_bias
+
+
+class CustomVideoXReferenceFramesBias(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE,
+            display_name="CustomVideoX Reference Frames Bias (Wan Phantom/VACE)",
+            category=CATEGORY,
+            description="TAB and ERAE on the reference frames a Wan Phantom or VACE graph already gives the "
+                        "model: biases the video's attention to those frames (a patched copy of the MODEL; the "
+                        "input MODEL is unchanged). Adds no tokens. Chain several: their biases add.",
+            inputs=[
+                io.Model.Input("model", tooltip="A Wan 2.1/2.2 Phantom (or text-to-video) or VACE MODEL."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Reference attention weight: bias log(strength). 1 = the model's own "
+                                       "attention (exactly the unpatched run), 0 = reference frames ignored."),
+                io.Int.Input("leading_frames", default=0, min=0, max=64,
+                             tooltip="VACE: reference latent frames in front of the video; connect "
+                                     "WanVaceToVideo's trim_latent. Phantom: 0 (its reference frames are found "
+                                     "in the conditioning)."),
+                CVXSchedule.Input("schedule", optional=True,
+                                  tooltip="Optional TAB schedule: bias over sampling progress, added to strength's."),
+                CVXRegion.Input("region", optional=True,
+                                tooltip="Optional ERAE region: extra bias where the subject is (auto: from the "
+                                        "video-to-text cross-attention at map_block; or a mask)."),
+                io.Int.Input("block_start", default=0, min=0, max=99,
+                             tooltip="First Wan block whose self-attention gets the bias.", advanced=True),
+                io.Int.Input("block_end", default=-1, min=-1, max=99,
+                             tooltip="Last Wan block that gets the bias (-1 = the last block). Blocks outside "
+                                     "keep the model's own attention.", advanced=True),
+                io.Boolean.Input("apply_to_uncond", default=True,
+                                 tooltip="Also bias the negative (uncond) pass. Off leaves the negative pass "
+                                         "exactly as the graph built it."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, strength, leading_frames, block_start, block_end, apply_to_uncond, schedule=None,
+                region=None) -> io.NodeOutput:
+        dm = check_wan(model, NODE)
+        n_blocks = len(dm.blocks)
+        end = n_blocks - 1 if block_end < 0 else block_end
+        if not 0 <= block_start <= end < n_blocks:
+            raise PatchError(f"{NODE}: block_start..block_end is {block_start}..{block_end}, which is not inside "
+                             f"this model's blocks 0..{n_blocks - 1} (block_end -1 = the last block)")
+        if region is not None and region.mode == "auto" and region.map_block >= end:
+            raise PatchError(f"{NODE}: the region's map_block is {region.map_block}, but the bias is used up to "
+                             f"block {end} of 0..{n_blocks - 1}: choose a map_block below {end}")
+        if is_vace(dm) and leading_frames == 0:
+            raise PatchError(f"{NODE}: the MODEL is Wan VACE but leading_frames is 0: connect WanVaceToVideo's "
+                             f"trim_latent to leading_frames (the VACE reference frame sits in front of the video)")
+        entry = FramesEntry(strength=strength, schedule=schedule, region=region, block_start=block_start,
+                            block_end=block_end, apply_to_uncond=apply_to_uncond, leading_frames=leading_frames)
+        return io.NodeOutput(apply_frames_bias(model, entry))

@@ -1,0 +1,103 @@
+"""What the pack needs to know about the host's native Wan DiT (``comfy.ldm.wan.model``), in one place.
+
+* Which Wan models are handled: ``WanModel`` text-to-video (Wan 2.1/2.2 T2V, TI2V-5B, Phantom) and
+  ``VaceWanModel``. Image-to-video and the other variants raise a clear error naming them.
+* Where reference frames sit in a model call: Phantom's ``time_dim_concat`` frames are appended after
+  the video (the DIFFUSION_MODEL wrapper receives them as an argument); VACE's reference frame(s) are
+  the leading latent frames of ``x`` (how many is a setting: the graph's ``trim_latent``).
+* Which attention call is which: every Wan block calls ``optimized_attention`` for its
+  self-attention (video tokens, RoPE applied) and then for its text cross-attention; a VACE block
+  at the same ``block_index`` does the same after the main block. So within one block index the
+  calls alternate self, cross, self, cross — the order of ``WanAttentionBlock.forward``. The shapes
+  are checked too (self: as many keys as queries, all of the layout's tokens).
+* Patch size: one latent frame per token frame (``patch_size[0] == 1``), 2x2 spatial patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from comfy.ldm.wan.model import VaceWanModel, WanModel, WanT2VCrossAttention
+
+from ..cvx_core.frame_layout import FrameLayout, frame_layout
+from .reference_patch import PatchError
+
+# Host classes of Wan variants the pack does not handle yet (named in the error).
+_HANDLED = (WanModel, VaceWanModel)
+
+
+def check_wan(model, node: str) -> WanModel:
+    """The model's Wan DiT (T2V or VACE), or a clear error naming ``node`` and what was given."""
+    dm = model.get_model_object("diffusion_model")
+    if not isinstance(dm, WanModel):
+        raise PatchError(f"{node}: the MODEL is a {type(dm).__name__} ({type(model.model).__name__}), not Wan: "
+                         f"load a Wan 2.1/2.2 text-to-video, Phantom or VACE model with UNETLoader")
+    if type(dm) not in _HANDLED:
+        raise PatchError(f"{node}: the MODEL is a Wan variant the pack does not handle yet "
+                         f"({type(dm).__name__}, {type(model.model).__name__}); handled: Wan 2.1/2.2 "
+                         f"text-to-video (incl. Phantom) and VACE")
+    if not isinstance(dm.blocks[0].cross_attn, WanT2VCrossAttention) or dm.model_type != "t2v":
+        raise PatchError(f"{node}: the MODEL is Wan image-to-video ({type(model.model).__name__}), which the "
+                         f"pack does not handle yet; use a Wan text-to-video, Phantom or VACE model")
+    if tuple(dm.patch_size) != (1, 2, 2):
+        raise PatchError(f"{node}: the Wan MODEL has patch size {tuple(dm.patch_size)}; expected (1, 2, 2)")
+    return dm
+
+
+def is_vace(dm: WanModel) -> bool:
+    return isinstance(dm, VaceWanModel)
+
+
+def call_layout(x: torch.Tensor, time_dim_concat: torch.Tensor | None, leading: int, node: str) -> FrameLayout:
+    """The self-attention layout of one model call: video tokens and the reference frames' tokens.
+
+    ``x``: the latent ``[B, C, T, H, W]`` the wrapper receives; ``time_dim_concat``: Phantom's frames
+    (appended after the video by the host); ``leading``: VACE's reference frames at the front of ``x``.
+    """
+    _, _, t, h, w = x.shape
+    hw = ((h + 1) // 2, (w + 1) // 2)  # the host pads H and W to the 2x2 patch
+    trailing = 0 if time_dim_concat is None else int(time_dim_concat.shape[2])
+    if trailing and leading:
+        raise PatchError(f"{node}: this model call has {trailing} Phantom reference frame(s) after the video and "
+                         f"leading_frames={leading} in front; use one kind: leading_frames 0 for Phantom")
+    if not trailing and not leading:
+        raise PatchError(f"{node}: this model call has no reference frames: build the conditioning with "
+                         f"WanPhantomSubjectToVideo (with images), or with WanVaceToVideo (with a reference_image) "
+                         f"and connect its trim_latent to leading_frames")
+    if leading >= t:
+        raise PatchError(f"{node}: leading_frames={leading} but the latent has only {t} frames: connect "
+                         f"WanVaceToVideo's trim_latent (1 with a reference_image)")
+    if trailing:
+        return frame_layout((t, *hw), trailing, after_video=True)
+    return frame_layout((t - leading, *hw), leading, after_video=False)
+
+
+@dataclass
+class CallOrder:
+    """Tells self- from cross-attention calls by their order within each ``block_index``."""
+
+    block: int = -1
+    count: int = 0
+
+    def next(self, transformer_options: dict) -> tuple[int, bool, int]:
+        """``(block, is_self, branch)`` of this call; branch 0 = the main block, 1 = its VACE block."""
+        block = int(transformer_options.get("block_index", -1))
+        if block != self.block:
+            self.block, self.count = block, 0
+        n = self.count
+        self.count += 1
+        return block, n % 2 == 0, n // 2
+
+
+def check_self_call(q: torch.Tensor, k: torch.Tensor, layout: FrameLayout, block: int, node: str) -> None:
+    if q.shape[1] != layout.queries or k.shape[1] != layout.keys:
+        raise PatchError(f"{node}: block {block}'s self-attention has {q.shape[1]} queries / {k.shape[1]} keys, "
+                         f"expected {layout.queries} (video and reference frames); another patch may be calling "
+                         f"attention inside the Wan blocks")
+
+
+def to_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, S, H*D]`` -> ``[B, H, S, D]`` (the host's default layout for optimized_attention)."""
+    b, s, _ = t.shape
+    return t.view(b, s, heads, -1).transpose(1, 2)

@@ -1,0 +1,211 @@
+"""TAB/ERAE on the reference frames a native Wan model already carries (Phantom, VACE).
+
+``apply_frames_bias(model, entry)`` returns a patched clone of a host ``ModelPatcher`` with:
+
+* a DIFFUSION_MODEL wrapper that, once per model call, finds the reference frames (via
+  :mod:`.wan_backbone`), works out the per-row biases at this call's sampling progress and puts them,
+  with the token layout, in a copy of ``transformer_options``. Nothing is added to the model's input:
+  the reference tokens are the model's own;
+* an ``optimized_attention_override`` (chained onto any existing one) that adds the bias on the
+  reference-key columns of the self-attention calls, and reads the ERAE map from the text
+  cross-attention at ``map_block``.
+
+Where every bias is 0 (strength 1, no schedule or region, rows or blocks outside the settings) the
+attention call is passed through untouched, so the output is the unpatched model's bit for bit.
+Several patches stack: their biases add.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import comfy.patcher_extension as pe
+import torch
+
+from ..cvx_core.entity_region import EntityRegion, entity_map_from_attention, mask_to_token_map
+from ..cvx_core.frame_layout import FrameLayout, row_biases
+from ..cvx_core.reference_attention import column_bias, reference_attention
+from ..cvx_core.tab_schedule import TABSchedule, progress_from_sigmas, reference_bias, strength_to_bias
+from .wan_backbone import CallOrder, call_layout, check_self_call, to_heads
+
+NODE = "CustomVideoXReferenceFramesBias"
+KEY = "customvideox_frames"
+ENTRIES_KEY = "customvideox_frames_entries"
+STATE_KEY = "customvideox_frames_state"
+
+
+@dataclass(frozen=True, eq=False)
+class FramesEntry:
+    """One CustomVideoXReferenceFramesBias: the bias it adds and where."""
+
+    strength: float = 1.0
+    schedule: TABSchedule | None = None
+    region: EntityRegion | None = None
+    block_start: int = 0
+    block_end: int = -1
+    apply_to_uncond: bool = True
+    leading_frames: int = 0
+
+    def bias(self, progress: float) -> float:
+        if self.schedule is None:
+            return strength_to_bias(self.strength)
+        return reference_bias(self.schedule, progress, self.strength)
+
+    def in_range(self, block: int, num_blocks: int) -> bool:
+        end = num_blocks - 1 if self.block_end < 0 else self.block_end
+        return self.block_start <= block <= end
+
+
+def call_progress(transformer_options: dict) -> float:
+    """Sampling progress of this model call (0 outside a sampler). The one place TAB's clock is read."""
+    sigmas, sample_sigmas = transformer_options.get("sigmas"), transformer_options.get("sample_sigmas")
+    if sigmas is None or sample_sigmas is None:
+        return 0.0
+    return progress_from_sigmas(float(sigmas.max()), sample_sigmas)
+
+
+@dataclass
+class FramesState:
+    """What one model call needs, built by the wrapper and read by every attention call."""
+
+    entries: list[FramesEntry]
+    layout: FrameLayout
+    entry_bias: list[torch.Tensor]  # per entry: [B, n_refs]
+    num_blocks: int
+    cond_row: int
+    order: CallOrder = field(default_factory=CallOrder)
+    region_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # entry -> [B, Sv]
+    cache: dict = field(default_factory=dict)  # (kind, active entries) -> mask / region bias
+
+    def active(self, block: int) -> tuple[bool, ...]:
+        return tuple(e.in_range(block, self.num_blocks) for e in self.entries)
+
+    def bias(self, active: tuple[bool, ...]) -> torch.Tensor:
+        """``[B, n_refs]``: the sum of the biases of the entries active in this block."""
+        return sum((b for b, on in zip(self.entry_bias, active) if on), torch.zeros_like(self.entry_bias[0]))
+
+    def mask(self, active: tuple[bool, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        key = ("mask", active, dtype)  # built once per call and block set, not once per block
+        if key not in self.cache:
+            self.cache[key] = column_bias(self.layout, self.bias(active), dtype)
+        return self.cache[key]
+
+    def region(self, block: int, active: tuple[bool, ...]) -> torch.Tensor | None:
+        uses = tuple(on and i in self.region_maps and not (e.region.mode == "auto" and block <= e.region.map_block)
+                     for i, (e, on) in enumerate(zip(self.entries, active)))
+        if not any(uses):
+            return None
+        key = ("region", uses)
+        if key not in self.cache:
+            total = sum(self.region_maps[i] * self.entries[i].region.lam for i, u in enumerate(uses) if u)
+            n = len(self.layout.refs)
+            self.cache[key] = total[:, None].expand(-1, n, -1)
+        return self.cache[key]
+
+
+def _rows_biased(entry: FramesEntry, cond_or_uncond: list[int], batch: int) -> list[bool]:
+    if entry.apply_to_uncond or not cond_or_uncond:
+        return [True] * batch
+    per = batch // len(cond_or_uncond)
+    return [cond_or_uncond[r // per] != 1 for r in range(batch)]
+
+
+def diffusion_wrapper(executor, x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs):
+    entries: list[FramesEntry] = transformer_options.get(ENTRIES_KEY) or []
+    if not entries:
+        return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
+    layout = call_layout(x, time_dim_concat, entries[0].leading_frames, NODE)
+    progress = call_progress(transformer_options)
+    cond_or_uncond = transformer_options.get("cond_or_uncond") or []
+    batch = x.shape[0]
+    n = len(layout.refs)
+    entry_bias = [row_biases([e.bias(progress)] * n, _rows_biased(e, cond_or_uncond, batch), n, x.device)
+                  for e in entries]
+    if all(not bool((b != 0).any()) for b in entry_bias) and not any(e.region is not None for e in entries):
+        return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
+    cond_row = cond_or_uncond.index(0) * (batch // len(cond_or_uncond)) if 0 in cond_or_uncond else 0
+    dm = executor.class_obj
+    state = FramesState(entries=entries, layout=layout, entry_bias=entry_bias, num_blocks=len(dm.blocks),
+                        cond_row=cond_row)
+    for i, e in enumerate(entries):
+        if e.region is not None and e.region.mode == "mask":
+            m = mask_to_token_map(e.region.mask, layout.grid).to(x.device, torch.float32)
+            state.region_maps[i] = e.region.refined(m[None].expand(batch, -1), layout.grid)
+    opts = dict(transformer_options)
+    opts[STATE_KEY] = state
+    return executor(x, timestep, context, clip_fea, time_dim_concat, opts, **kwargs)
+
+
+class FramesAttentionOverride:
+    """The ``optimized_attention_override``, chained onto ``prev``."""
+
+    def __init__(self, prev=None):
+        self.prev = prev
+
+    def __call__(self, func, *args, **kwargs):
+        call = partial(self.prev, func) if self.prev is not None else func
+        opts = kwargs.get("transformer_options") or {}
+        state: FramesState | None = opts.get(STATE_KEY)
+        if state is None:
+            return call(*args, **kwargs)
+        block, is_self, branch = state.order.next(opts)
+        q, k, v = args[:3]
+        heads = kwargs["heads"] if "heads" in kwargs else args[3]
+        active = state.active(block)
+        if not is_self:
+            if branch == 0:
+                self._read_map(state, block, q, k, heads)
+            return call(*args, **kwargs)
+        check_self_call(q, k, state.layout, block, NODE)
+        mask = state.mask(active, q.dtype)
+        region = state.region(block, active)
+        if mask is None and region is None:
+            return call(*args, **kwargs)  # the model's own attention, untouched
+        if kwargs.get("mask") is not None:
+            raise ValueError(f"{NODE}: another patch passes an attention mask to Wan's self-attention; "
+                             f"combining it with the reference bias is not supported")
+        kwargs = {key: val for key, val in kwargs.items() if key not in ("heads", "mask", "skip_reshape",
+                                                                         "skip_output_reshape")}
+        rest = args[4:]
+
+        def attn(q_, k_, v_, mask_):
+            return call(q_, k_, v_, heads, *rest, mask=mask_, skip_reshape=True, skip_output_reshape=True, **kwargs)
+
+        q4, k4, v4 = (to_heads(t, heads) for t in (q, k, v))
+        out = reference_attention(q4, k4, v4, state.layout, state.bias(active), region, attn=attn, mask=mask)
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+    @staticmethod
+    def _read_map(state: FramesState, block: int, q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
+        layout = state.layout
+        for i, e in enumerate(state.entries):
+            r = e.region
+            if r is None or r.mode != "auto" or block != r.map_block:
+                continue
+            if max(r.entity_idx) >= k.shape[1]:
+                raise ValueError(f"{NODE}: the region's subject words are at text positions up to "
+                                 f"{max(r.entity_idx)}, but the prompt has {k.shape[1]} tokens")
+            vs = layout.video_query_start
+            m = entity_map_from_attention(to_heads(q, heads), to_heads(k, heads), (0, k.shape[1]),
+                                          (vs, vs + layout.video), r.entity_idx, layout.grid)
+            # Only a cond row's prompt holds the entity: its map serves every row.
+            m = m[state.cond_row:state.cond_row + 1].expand(q.shape[0], -1)
+            state.region_maps[i] = r.refined(m, layout.grid)
+            state.cache = {key: val for key, val in state.cache.items() if key[0] != "region"}
+
+
+def apply_frames_bias(model, entry: FramesEntry):
+    """A patched clone of ``model`` with ``entry`` added (the input model is not changed)."""
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+    entries = list(to.get(ENTRIES_KEY) or [])
+    if entries and entries[0].leading_frames != entry.leading_frames:
+        raise ValueError(f"{NODE}: this model is already patched with leading_frames="
+                         f"{entries[0].leading_frames}; every {NODE} on one model needs the same value")
+    to[ENTRIES_KEY] = entries + [entry]
+    if not entries:
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY, diffusion_wrapper)
+        to["optimized_attention_override"] = FramesAttentionOverride(to.get("optimized_attention_override"))
+    return m
+

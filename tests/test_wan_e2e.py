@@ -1,0 +1,91 @@
+"""The Phantom example (workflows/api/wan_phantom_tab.json) through the real executor, on tiny Wan models.
+
+The graph is the shipped one with only the model files, the text encoder, the image and the sizes
+swapped for tiny stand-ins: the host's own UNETLoader, VAELoader, WanPhantomSubjectToVideo,
+ModelSamplingSD3, KSampler, VAEDecode, CreateVideo and SaveVideo run unchanged. The host builds the Wan
+2.1 VAE at the width the file holds (8 here, 96 in the real one), so decoding is cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import tiny_wan as tw
+import torch
+import workflow_tools as wt
+from test_workflows import decode_mp4
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZE = {"width": 48, "height": 32, "length": 5}
+LATENT = (1, 16, 2, 4, 6)
+
+
+@pytest.fixture(scope="module")
+def wan_files(tiny_models_dir):
+    return tw.build_tiny_wan_set(tiny_models_dir, seed=0)
+
+
+def tiny_phantom(wan_files) -> dict:
+    p = copy.deepcopy(wt.load_api("wan_phantom_tab"))
+    for nid, node in list(p.items()):
+        ctype, inputs = node["class_type"], node["inputs"]
+        if ctype == "UNETLoader":
+            inputs["unet_name"] = wan_files["wan_t2v"].name
+        elif ctype == "VAELoader":
+            inputs["vae_name"] = wan_files["wan_vae"].name
+        elif ctype == "CLIPLoader":
+            del p[nid]
+        elif ctype == "CLIPTextEncode":
+            p[nid] = {"class_type": "CVXTestTextConditioning",
+                      "inputs": {"seed": 1000 + int(nid), "length": 16, "dim": tw.TEXT_DIM}}
+        elif ctype == "LoadImage":
+            p[nid] = {"class_type": "CVXTestImage", "inputs": {"seed": int(nid), "width": 64, "height": 48,
+                                                               "batch_size": 1}}
+        elif ctype == "WanPhantomSubjectToVideo":
+            inputs.update(SIZE)
+        elif ctype == "KSampler":
+            inputs["steps"] = 2
+        elif ctype == "SaveVideo":
+            inputs["filename_prefix"] = "wan_e2e/" + inputs["filename_prefix"].rsplit("/", 1)[-1]
+    return p
+
+
+def nodes_of(api: dict, ctype: str) -> str:
+    (nid,) = [n for n, v in api.items() if v["class_type"] == ctype]
+    return nid
+
+
+def test_phantom_tab_workflow_decodes_an_mp4(host, wan_files):
+    prompt = tiny_phantom(wan_files)
+    sampler, decode = nodes_of(prompt, "KSampler"), nodes_of(prompt, "VAEDecode")
+    result = host.run(prompt, capture=[sampler, decode])
+    latent = result.output(sampler)["samples"]
+    assert tuple(latent.shape) == LATENT and torch.isfinite(latent).all()
+    assert tuple(result.output(decode).shape) == (SIZE["length"], SIZE["height"], SIZE["width"], 3)
+    (mp4,) = [f for f in result.files if f.suffix == ".mp4"]
+    assert decode_mp4(mp4) == (SIZE["length"], SIZE["width"], SIZE["height"], "h264")
+
+
+def latent_only(prompt: dict) -> tuple[dict, str]:
+    """The graph up to the sampler, with the sampled latent as the output (no decode)."""
+    p = {k: v for k, v in prompt.items() if v["class_type"] not in ("VAEDecode", "CreateVideo", "SaveVideo")}
+    sampler = nodes_of(p, "KSampler")
+    p["99"] = {"class_type": "CVXTestSaveTensor", "inputs": {"value": [sampler, 0], "name": "latent"}}
+    return p, sampler
+
+
+def test_strength_one_without_schedule_is_the_unpatched_phantom_graph(host, wan_files):
+    prompt, sampler = latent_only(tiny_phantom(wan_files))
+    bias = nodes_of(prompt, "CustomVideoXReferenceFramesBias")
+    neutral = copy.deepcopy(prompt)
+    del neutral[bias]["inputs"]["schedule"]
+    plain = copy.deepcopy(neutral)
+    plain[nodes_of(plain, "ModelSamplingSD3")]["inputs"]["model"] = plain[bias]["inputs"]["model"]
+    del plain[bias], plain[nodes_of(plain, "CustomVideoXTABSchedule")], neutral[nodes_of(neutral, "CustomVideoXTABSchedule")]
+    stronger = copy.deepcopy(neutral)
+    stronger[bias]["inputs"]["strength"] = 3.0
+    out = {name: host.run(p, capture=[sampler]).output(sampler)["samples"]
+           for name, p in (("plain", plain), ("neutral", neutral), ("stronger", stronger))}
+    assert torch.equal(out["neutral"], out["plain"])
+    assert not torch.equal(out["stronger"], out["plain"])

@@ -1,0 +1,237 @@
+"""TAB/ERAE on Wan's own reference frames (Phantom, VACE) against diffusers' WanTransformer3DModel.
+
+The peer is diffusers' transformer fed the reference frames concatenated in time, with an attention
+processor written here: plain softmax attention with a dense additive bias ``[B, 1, S, S]`` spelled
+out by hand on the reference key columns (and the ERAE map, computed by hand from the text
+cross-attention). The host's native WanModel with the pack's node must give the same output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tiny_wan as tw
+import torch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NODE = "CustomVideoXReferenceFramesBias"
+T, H, W = 3, 8, 10  # latent frames and size: 4 x 5 tokens per frame
+HW = (H // 2) * (W // 2)
+ATOL = 5e-5  # host vs diffusers without any patch: ~2e-5 on outputs of magnitude ~4 (fp32 round-off)
+
+
+@pytest.fixture(scope="module")
+def wan_sd() -> dict:
+    return tw.build_wan_state_dict(seed=3)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs (x0, x1) by the angle whose cos/sin diffusers' RoPE gives."""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+
+
+class Spec:
+    """Where the reference columns are, the biases, and the ERAE settings, as plain numbers."""
+
+    def __init__(self, tokens: int, ref_cols: slice, video_rows: slice, col_bias: list[float], blocks: range,
+                 lam: float = 0.0, region_map: torch.Tensor | None = None, auto: tuple | None = None):
+        self.tokens, self.ref_cols, self.video_rows = tokens, ref_cols, video_rows
+        self.col_bias, self.blocks, self.lam = col_bias, blocks, lam
+        self.region_map = region_map  # [B, Sv] or None
+        self.auto = auto  # (map_block, entity positions) or None
+
+    def dense(self, block: int, batch: int) -> torch.Tensor:
+        bias = torch.zeros(batch, 1, self.tokens, self.tokens)
+        if block not in self.blocks:
+            return bias
+        for b in range(batch):
+            bias[b, 0, :, self.ref_cols] += self.col_bias[b]
+            if self.region_map is not None and not (self.auto and block <= self.auto[0]):
+                bias[b, 0, self.video_rows, self.ref_cols] += self.lam * self.region_map[b][:, None]
+        return bias
+
+
+class DenseBiasProcessor:
+    def __init__(self, block: int, spec: Spec):
+        self.block, self.spec = block, spec
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        cross = encoder_hidden_states is not None
+        src = encoder_hidden_states if cross else hidden_states
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(src)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(src).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            q, k = rope(q, *rotary_emb), rope(k, *rotary_emb)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if cross:
+            if self.spec.auto and self.block == self.spec.auto[0]:
+                self._entity_map(logits)
+        else:
+            logits = logits + self.spec.dense(self.block, q.shape[0])
+        out = torch.softmax(logits, dim=-1) @ v
+        return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
+
+    def _entity_map(self, logits: torch.Tensor) -> None:
+        # Video rows' attention to the entity's text tokens: softmax over the text, summed over the
+        # entity, mean over heads, then min-max per frame; the cond row (0) gives the map for all rows.
+        p = torch.softmax(logits[0, :, self.spec.video_rows], dim=-1)[..., list(self.spec.auto[1])].sum(-1)
+        frames = p.mean(0).view(-1, HW)
+        lo, hi = frames.min(-1, keepdim=True).values, frames.max(-1, keepdim=True).values
+        m = ((frames - lo) / (hi - lo)).flatten()
+        self.spec.region_map = m[None].expand(logits.shape[0], -1)
+
+
+def diffusers_run(sd: dict, latent: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, spec: Spec) -> torch.Tensor:
+    peer = tw.build_diffusers_wan(sd)
+    for i, block in enumerate(peer.blocks):
+        block.attn1.set_processor(DenseBiasProcessor(i, spec))
+        block.attn2.set_processor(DenseBiasProcessor(i, spec))
+    with torch.no_grad():
+        return peer(latent, t, ctx, return_dict=False)[0]
+
+
+def host_run(host, sd: dict, x, t, ctx, tdc=None, opts=None, **node_kw) -> torch.Tensor:
+    import comfy.model_management
+    import comfy.sd
+
+    model = comfy.sd.load_diffusion_model_state_dict(dict(sd))
+    if node_kw:
+        args = dict(strength=1.0, leading_frames=0, block_start=0, block_end=-1, apply_to_uncond=True)
+        args.update(node_kw)
+        model = host.node_classes[NODE].execute(model=model, **args).result[0]
+    comfy.model_management.load_models_gpu([model])
+    to = dict(model.model_options["transformer_options"], wrappers=model.wrappers, **(opts or {}))
+    with torch.no_grad():
+        return model.model.diffusion_model(x, t, ctx, time_dim_concat=tdc, transformer_options=to)
+
+
+def inputs(seed: int, refs: int, leading: bool):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, T, H, W, generator=g)
+    ref = torch.randn(2, 16, refs, H, W, generator=g)
+    ctx = torch.randn(2, 12, 4096, generator=g)
+    t = torch.tensor([600.0, 600.0])
+    return x, ref, ctx, t
+
+
+def test_phantom_strength_equals_dense_bias_oracle(host, wan_sd):
+    x, ref, ctx, t = inputs(0, refs=2, leading=False)
+    ours = host_run(host, wan_sd, x, t, ctx, tdc=ref, strength=2.5)
+    video = T * HW
+    spec = Spec(video + 2 * HW, slice(video, None), slice(0, video), [math.log(2.5)] * 2, range(2))
+    want = diffusers_run(wan_sd, torch.cat([x, ref], 2), t, ctx, spec)[:, :, :T]
+    assert ours.shape == x.shape
+    assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
+    plain = host_run(host, wan_sd, x, t, ctx, tdc=ref)
+    assert (ours - plain).abs().max() > 1e-2  # the bias is not a no-op at this size
+
+
+def test_phantom_tab_schedule_uncond_and_block_range_equal_oracle(host, wan_sd):
+    tab = host.pack("cvx_core.tab_schedule")
+    x, ref, ctx, t = inputs(1, refs=1, leading=False)
+    sample_sigmas = torch.tensor([1.0, 0.8, 0.6, 0.3, 0.0])
+    opts = {"sigmas": torch.tensor([0.7, 0.7]), "sample_sigmas": sample_sigmas, "cond_or_uncond": [0, 1]}
+    schedule = tab.TABSchedule(curve="parabolic", b_min=-0.5, b_max=1.5)
+    ours = host_run(host, wan_sd, x, t, ctx, tdc=ref, opts=opts, strength=0.8, schedule=schedule,
+                    block_start=1, apply_to_uncond=False)
+    # 0.7 lies between steps 1 (0.8) and 2 (0.6) of 4: tau = (1 + log(0.8/0.7) / log(0.8/0.6)) / 4.
+    tau = (1 + math.log(0.8 / 0.7) / math.log(0.8 / 0.6)) / 4
+    b = math.log(0.8) - 0.5 + 2.0 * 4 * tau * (1 - tau)
+    video = T * HW
+    spec = Spec(video + HW, slice(video, None), slice(0, video), [b, 0.0], range(1, 2))
+    want = diffusers_run(wan_sd, torch.cat([x, ref], 2), t, ctx, spec)[:, :, :T]
+    assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
+
+
+def test_vace_style_leading_frame_with_erae_mask_equals_oracle(host, wan_sd):
+    er = host.pack("cvx_core.entity_region")
+    x, ref, ctx, t = inputs(2, refs=1, leading=True)
+    mask = torch.rand(T, H // 2, W // 2, generator=torch.Generator().manual_seed(5))  # already token-sized
+    region = er.EntityRegion(mode="mask", mask=mask, lam=2.0)
+    latent = torch.cat([ref, x], 2)
+    ours = host_run(host, wan_sd, latent, t, ctx, strength=0.5, leading_frames=1, region=region)
+    video = T * HW
+    spec = Spec(video + HW, slice(0, HW), slice(HW, None), [math.log(0.5)] * 2, range(2), lam=2.0,
+                region_map=mask.flatten()[None].expand(2, -1))
+    want = diffusers_run(wan_sd, latent, t, ctx, spec)
+    assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
+
+
+def test_phantom_erae_auto_map_from_cross_attention_equals_oracle(host, wan_sd):
+    er = host.pack("cvx_core.entity_region")
+    x, ref, ctx, t = inputs(3, refs=1, leading=False)
+    region = er.EntityRegion(mode="auto", entity_idx=(1, 3), map_block=0, lam=3.0)
+    ours = host_run(host, wan_sd, x, t, ctx, tdc=ref, opts={"cond_or_uncond": [0, 1]}, strength=1.5,
+                    region=region)
+    video = T * HW
+    spec = Spec(video + HW, slice(video, None), slice(0, video), [math.log(1.5)] * 2, range(2), lam=3.0,
+                auto=(0, (1, 3)))
+    want = diffusers_run(wan_sd, torch.cat([x, ref], 2), t, ctx, spec)[:, :, :T]
+    assert spec.region_map is not None
+    assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
+
+
+def test_strength_one_is_the_unpatched_phantom_run_bit_for_bit(host, wan_sd):
+    x, ref, ctx, t = inputs(4, refs=2, leading=False)
+    opts = {"sigmas": torch.tensor([0.5, 0.5]), "sample_sigmas": torch.tensor([1.0, 0.5, 0.0]),
+            "cond_or_uncond": [0, 1]}
+    ours = host_run(host, wan_sd, x, t, ctx, tdc=ref, opts=opts, strength=1.0, block_start=1)
+    plain = host_run(host, wan_sd, x, t, ctx, tdc=ref, opts=opts)
+    assert torch.equal(ours, plain)
+
+
+def test_node_errors_name_the_node_and_the_fix(host, wan_sd):
+    import comfy.sd
+
+    node = host.node_classes[NODE]
+    vace = comfy.sd.load_diffusion_model_state_dict(tw.build_wan_state_dict(seed=0, vace=True))
+    with pytest.raises(ValueError, match="trim_latent"):
+        node.execute(model=vace, strength=2.0, leading_frames=0, block_start=0, block_end=-1, apply_to_uncond=True)
+    plain = comfy.sd.load_diffusion_model_state_dict(dict(wan_sd))
+    with pytest.raises(ValueError, match="block_start..block_end"):
+        node.execute(model=plain, strength=2.0, leading_frames=0, block_start=1, block_end=5, apply_to_uncond=True)
+    x, _, ctx, t = inputs(0, refs=1, leading=False)
+    with pytest.raises(ValueError, match=f"{NODE}: this model call has no reference frames"):
+        host_run(host, wan_sd, x, t, ctx, strength=2.0)
+
+
+def test_vace_model_leading_frame_bias_is_exact_at_one_and_reaches_the_vace_blocks(host, monkeypatch):
+    """On a real VaceWanModel (main blocks + a VACE block at index 0): strength 1 is the unpatched
+    model bit for bit; strength 2 biases the self-attention of both the main and the VACE block."""
+    wr = host.pack("nodes.wan_reference_frames")
+    sd = tw.build_wan_state_dict(seed=1, vace=True)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 16, 1 + T, H, W, generator=g)
+    ctx = torch.randn(2, 12, 4096, generator=g)
+    vace = {"vace_context": torch.randn(2, 1, 96, 1 + T, H, W, generator=g), "vace_strength": [1.0]}
+    t = torch.tensor([500.0, 500.0])
+
+    def run(**node_kw):
+        import comfy.model_management
+        import comfy.sd
+
+        model = comfy.sd.load_diffusion_model_state_dict(dict(sd))
+        if node_kw:
+            model = host.node_classes[NODE].execute(model=model, leading_frames=1, block_start=0, block_end=-1,
+                                                    apply_to_uncond=True, **node_kw).result[0]
+        comfy.model_management.load_models_gpu([model])
+        to = dict(model.model_options["transformer_options"], wrappers=model.wrappers)
+        with torch.no_grad():
+            return model.model.diffusion_model(x, t, ctx, transformer_options=to, **vace)
+
+    biased = []
+    real_mask = wr.FramesState.mask
+    monkeypatch.setattr(wr.FramesState, "mask", lambda self, active, dtype: biased.append(
+        (self.order.block, self.order.count)) or real_mask(self, active, dtype))
+    plain = run()
+    assert torch.equal(run(strength=1.0), plain)
+    biased.clear()
+    stronger = run(strength=2.0)
+    assert torch.isfinite(stronger).all() and (stronger - plain).abs().max() > 1e-3
+    # (block, calls so far in it): the main block's self-attention is call 1, the VACE block's call 3.
+    assert (0, 1) in biased and (0, 3) in biased and (1, 1) in biased
