@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +123,32 @@ def collect_outcomes(config) -> Iterator[Outcomes]:
         yield seen
     finally:
         config.pluginmanager.unregister(seen)
+
+
+def tally_report(cases: Sequence[Any], items: Sequence[Any], outcomes: dict[str, str],
+                 messages: dict[str, str] | None = None) -> dict[str, Any]:
+    """The tally of a table of cases from pytest's outcomes, per owner (e.g. "pack" / "host").
+
+    ``cases``: objects with ``id``, ``owner`` and ``kind`` (several cases may share a kind, e.g. one
+    input on two models); ``items``: the module's collected tests, a case's test being the item whose
+    ``callspec.params["case"]`` is it; ``outcomes``: :attr:`Outcomes.by_nodeid`. Per owner: ``kinds`` in
+    the table, ``tried`` (a case of the kind ran), ``handled`` (every case of the kind ran and passed);
+    then each case's outcome ("passed", "failed", "skipped" or "not run") and the module's other tests.
+    """
+    def case_of(item: Any) -> Any:
+        return getattr(getattr(item, "callspec", None), "params", {}).get("case")
+
+    by_case = {case_of(i).id: outcomes.get(i.nodeid, "not run") for i in items if case_of(i) is not None}
+    owners: dict[str, dict[str, list[str]]] = {}
+    for c in cases:
+        owners.setdefault(c.owner, {}).setdefault(c.kind, []).append(by_case.get(c.id, "not run"))
+    report: dict[str, Any] = {}
+    for owner, kinds in owners.items():
+        tried = {k for k, res in kinds.items() if any(r != "not run" for r in res)}
+        handled = {k for k in tried if all(r == "passed" for r in kinds[k])}
+        report[owner] = {"kinds": len(kinds), "tried": len(tried), "handled": len(handled),
+                         "not_handled": sorted(tried - handled), "not_run": sorted(set(kinds) - tried)}
+    report["cases"] = {c.id: {"owner": c.owner, "kind": c.kind, "outcome": by_case.get(c.id, "not run"),
+                              "message": (messages or {}).get(c.id, "")[:300]} for c in cases}
+    report["other_checks"] = {i.name: outcomes.get(i.nodeid, "not run") for i in items if case_of(i) is None}
+    return report

@@ -32,34 +32,12 @@ pytestmark = [pytest.mark.host, pytest.mark.usefixtures("one_thread")]
 MESSAGES: dict[str, str] = {}  # case id -> what the user was shown (information only, not the tally)
 
 
-def tally_report(cases: list[Case], items: list[pytest.Item], outcomes: dict[str, str]) -> dict[str, Any]:
-    """Per owner: input kinds in the table, tried (its cases ran) and handled (every case of the kind
-    passed); plus each case's outcome and the module's other checks."""
-    by_case = {item.callspec.params["case"].id: outcomes.get(item.nodeid, "not run")
-               for item in items if hasattr(item, "callspec") and "case" in item.callspec.params}
-    owners: dict[str, dict[str, list[str]]] = {}
-    for c in cases:
-        owners.setdefault(c.owner, {}).setdefault(c.kind, []).append(by_case.get(c.id, "not run"))
-    report: dict[str, Any] = {}
-    for owner, kinds in owners.items():
-        tried = [k for k, res in kinds.items() if any(r != "not run" for r in res)]
-        handled = [k for k in tried if all(r == "passed" for r in kinds[k])]
-        report[owner] = {"kinds": len(kinds), "tried": len(tried), "handled": len(handled),
-                         "not_handled": sorted(set(tried) - set(handled)),
-                         "not_run": sorted(set(kinds) - set(tried))}
-    report["cases"] = {c.id: {"owner": c.owner, "kind": c.kind, "outcome": by_case.get(c.id, "not run"),
-                              "message": MESSAGES.get(c.id, "")[:300]} for c in cases}
-    report["other_checks"] = {item.name: outcomes.get(item.nodeid, "not run") for item in items
-                              if not (hasattr(item, "callspec") and "case" in item.callspec.params)}
-    return report
-
-
 @pytest.fixture(scope="module", autouse=True)
 def tally(request) -> Iterator[None]:
     with rg.collect_outcomes(request.config) as seen:
         yield
     items = [i for i in request.session.items if i.module is request.module]
-    report = tally_report(CASES, items, seen.by_nodeid)
+    report = rg.tally_report(CASES, items, seen.by_nodeid, MESSAGES)
     rg.record("bad_inputs", report, replace=True)
     line = "; ".join(f"{label}: {report[o]['handled']} of {report[o]['kinds']} input kinds handled "
                      f"({report[o]['tried']} tried)"
