@@ -42,6 +42,7 @@ def find_entity_tokens(
     alt_word_ids: Sequence[Sequence[Sequence[int]]] | None = None,
     bare_word_ids: Sequence[Sequence[Sequence[int]]] | None = None,
     boundary_ids: Collection[int] = (),
+    filler_ids: Collection[int] = (),
     prompt: str = "",
 ) -> list[int]:
     """Sorted prompt positions of every occurrence of each word's token sequence.
@@ -53,7 +54,10 @@ def find_entity_tokens(
     (e.g. case variants); ``bare_word_ids[i]`` (the form sentencepiece gives right after punctuation,
     without the leading "▁") match only right after a token in ``boundary_ids``, so a bare piece inside
     a longer word ("▁hot|dog") is not taken for the word. ``special_ids`` positions (EOS, padding) are
-    never returned. A word found nowhere raises ValueError naming it and the prompt.
+    never returned. ``filler_ids`` (a bare "▁", ``<unk>``) may be part of a form, which then matches
+    only where the prompt has them too, but are never returned: they carry no meaning of the word,
+    and every unspellable word (CJK, emoji) becomes the same ``▁ <unk>``. A word whose form has no
+    other piece, or that is found nowhere, raises ValueError naming it and the prompt.
     """
     if len(word_ids) != len(words):
         raise ValueError(f"got {len(words)} words but {len(word_ids)} token sequences: expected one per word")
@@ -61,20 +65,30 @@ def find_entity_tokens(
         raise ValueError("no entity word given: name the subject's word(s) from the prompt, or use mask mode")
     special = set(special_ids)
     boundary = set(boundary_ids)
+    filler = set(filler_ids)
     seq = [int(t) for t in prompt_ids]
     found: set[int] = set()
     for i, word in enumerate(words):
         anywhere = [word_ids[i], *(alt_word_ids[i] if alt_word_ids is not None else ())]
         after_punct = bare_word_ids[i] if bare_word_ids is not None else ()
-        if not [t for t in word_ids[i] if t not in special]:
+        pieces = [t for t in word_ids[i] if t not in special]
+        if not pieces:
             raise ValueError(f'entity word "{word}" gives no text tokens: expected a word from the prompt')
+        if all(t in filler for t in pieces):
+            raise ValueError(
+                f'entity word "{word}" cannot be spelled by the text encoder\'s tokenizer (it becomes unknown '
+                "pieces), so its place in the prompt cannot be found: name the subject with a word the T5 "
+                "tokenizer knows (e.g. in English, in the prompt too), or switch the region mode to mask"
+            )
         hits: list[int] = []
         for forms, needs_boundary in ((anywhere, False), (after_punct, True)):
             for form in forms:
                 pattern = [int(t) for t in form if t not in special]
+                if all(t in filler for t in pattern):
+                    continue
                 for p in _positions_of(seq, pattern) if pattern else ():
                     if not needs_boundary or (p > 0 and seq[p - 1] in boundary):
-                        hits.extend(range(p, p + len(pattern)))
+                        hits.extend(q for q in range(p, p + len(pattern)) if seq[q] not in filler)
         if not hits:
             where = f'the prompt "{_shorten(prompt)}"' if prompt else "the prompt's tokens"
             raise ValueError(
@@ -95,14 +109,16 @@ def entity_tokens_with_tokenizer(
 ) -> list[int]:
     """:func:`find_entity_tokens` with every word form built by a Hugging Face-style tokenizer.
 
-    Uses ``tokenizer(text)["input_ids"]``, ``tokenizer.convert_ids_to_tokens`` and
-    ``tokenizer.all_special_ids`` (the host's T5 wrapper keeps such a tokenizer as ``.tokenizer``).
-    Forms tried per word: as given, lower-case and capitalised ("Dog" at a sentence start), and
-    each of those right after punctuation ("corgi-dog", '"dog"'), where sentencepiece drops the
-    leading "▁" and may split differently — so that form is tokenized for real (``"(" + word`` minus
-    the tokens of ``"("``) and only accepted after a punctuation piece of the prompt.
+    Uses ``tokenizer(text)["input_ids"]``, ``tokenizer.convert_ids_to_tokens``,
+    ``tokenizer.all_special_ids`` and ``tokenizer.unk_token_id`` (the host's T5 wrapper keeps such a
+    tokenizer as ``.tokenizer``). Forms tried per word: as given, lower-case and capitalised ("Dog" at a
+    sentence start), and each of those right after punctuation ("corgi-dog", '"dog"'), where
+    sentencepiece drops the leading "▁" and may split differently — so that form is tokenized for real
+    (``"(" + word`` minus the tokens of ``"("``) and only accepted after a punctuation piece of the
+    prompt. ``<unk>`` and bare "▁" pieces are fillers: matched in place, never returned.
     """
-    special = set(tokenizer.all_special_ids)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = set(tokenizer.all_special_ids) - {unk}
 
     def ids_of(text: str) -> list[int]:
         return [t for t in tokenizer(text)["input_ids"] if t not in special]
@@ -121,9 +137,11 @@ def entity_tokens_with_tokenizer(
         alt_word_ids.append([ids_of(form) for form in forms[1:]])
         bare_word_ids.append(bare)
     distinct = sorted({int(t) for t in prompt_ids if int(t) >= 0})  # -1 marks an embedding entry
-    boundary = {
-        t for t, piece in zip(distinct, tokenizer.convert_ids_to_tokens(distinct)) if _is_punct_piece(piece)
-    }
+    pieces = dict(zip(distinct, tokenizer.convert_ids_to_tokens(distinct)))
+    boundary = {t for t, piece in pieces.items() if _is_punct_piece(piece)}
+    in_words = sorted({t for ids in (*word_ids, *sum(alt_word_ids, []), *sum(bare_word_ids, [])) for t in ids})
+    pieces.update(zip(in_words, tokenizer.convert_ids_to_tokens(in_words)))
+    filler = {t for t, piece in pieces.items() if t == unk or not piece.strip("▁")}
     return find_entity_tokens(
         prompt_ids,
         word_ids,
@@ -132,6 +150,7 @@ def entity_tokens_with_tokenizer(
         alt_word_ids=alt_word_ids,
         bare_word_ids=bare_word_ids,
         boundary_ids=boundary,
+        filler_ids=filler,
         prompt=prompt,
     )
 
@@ -225,36 +244,68 @@ def entity_map_from_attention(
     return frames.reshape(batch, t * h * w)
 
 
-def mask_to_token_map(
-    mask: torch.Tensor, grid: tuple[int, int, int], video_frames: int | None = None
-) -> torch.Tensor:
-    """A user MASK (``[H, W]``, ``[1, H, W]`` or ``[F, H, W]``, values 0..1, any size) → ``[T*h*w]``.
+# Largest relative difference of aspect ratios (height / width) under which a mask is resized to the
+# video (or reference image) it belongs to; beyond it the mask was made for another picture.
+ASPECT_TOLERANCE = 0.01
+# CogVideoX's VAE: 4 video frames per latent frame after the first; 8 pixels per latent cell; the DiT
+# patches 2x2 latent cells into one token.
+VAE_TEMPORAL = 4
+PIXELS_PER_TOKEN = 16
 
-    Each frame is area-resized to the token grid ``(h, w)``. Frames: 1 → the same map on every token
-    frame; ``T`` → one per token frame; ``video_frames`` (default ``4·(T-1)+1``, CogVideoX's pixel
-    frame count) → pixel frame 0 gives latent frame 0 and pixel frames ``4j-3 .. 4j`` latent frame
-    ``j`` (the VAE's 4x temporal compression); frames landing on one token frame are averaged, which
-    also covers a temporal patch of 2 (CogVideoX 1.5, pass ``video_frames``).
+
+def same_aspect(a_hw: tuple[int, int], b_hw: tuple[int, int], tolerance: float = ASPECT_TOLERANCE) -> bool:
+    """Whether two ``(height, width)`` sizes have the same aspect ratio within ``tolerance`` (relative)."""
+    ra, rb = a_hw[0] / a_hw[1], b_hw[0] / b_hw[1]
+    return abs(ra - rb) <= tolerance * rb
+
+
+def video_frames_for(latent_frames: int) -> int:
+    """Frames of the decoded video for ``latent_frames`` CogVideoX latent frames (``4k+1``)."""
+    return VAE_TEMPORAL * (int(latent_frames) - 1) + 1
+
+
+def mask_to_token_map(
+    mask: torch.Tensor, grid: tuple[int, int, int], latent_frames: int | None = None
+) -> torch.Tensor:
+    """A user MASK (``[H, W]``, ``[1, H, W]`` or ``[F, H, W]``, values 0..1) → ``[T*h*w]``.
+
+    The mask must have the video's aspect ratio (within :data:`ASPECT_TOLERANCE`, the rule the reference
+    encoder applies to its mask): each frame is then area-resized to the token grid ``(h, w)``; another
+    aspect ratio is an error, never a stretch. Frames: 1 → the same map on every token frame; ``T`` →
+    one per token frame; one per video frame (``4·(L-1)+1`` for ``latent_frames`` L, the latent's frame
+    count before the DiT's temporal patch; default ``T``, i.e. no temporal patch) → pixel frame 0 gives
+    latent frame 0 and pixel frames ``4j-3 .. 4j`` latent frame ``j`` (the VAE's 4x temporal
+    compression), latent frame ``j`` lands on token frame ``j·T // L`` (CogVideoX 1.5 patches two
+    latent frames into one, after padding an odd count); frames landing on one token frame are averaged.
     [reconstructed] averaging over each compressed group of frames (design.md §1, ERAE "user MASK").
     """
     t, h, w = _check_grid(grid)
+    latent = t if latent_frames is None else int(latent_frames)
+    if not t <= latent <= 2 * t:
+        raise ValueError(f"{latent} latent frames cannot make {t} token frames: expected T..2T")
     if mask.dim() == 2:
         mask = mask.unsqueeze(0)
     if mask.dim() != 3:
         raise ValueError(f"mask has shape {tuple(mask.shape)}: expected [H, W], [1, H, W] or [frames, H, W]")
+    mh, mw = mask.shape[-2:]
+    if not same_aspect((mh, mw), (h, w)):
+        raise ValueError(
+            f"the mask is {mw}x{mh} but the video is {w * PIXELS_PER_TOKEN}x{h * PIXELS_PER_TOKEN}: the aspect "
+            "ratios differ, so the mask would be stretched; give a mask with the video's aspect ratio "
+            "(e.g. drawn on a frame of this size)"
+        )
     m = mask.detach().to(torch.float32).clamp(0.0, 1.0)
     if not bool((m > 0).any()):
         raise ValueError("the mask is empty: paint the subject's region, or use auto mode")
     small = F.adaptive_avg_pool2d(m.unsqueeze(1), (h, w)).squeeze(1)  # area resize, [F, h, w]
     n = small.shape[0]
-    pixel_frames = 4 * (t - 1) + 1 if video_frames is None else int(video_frames)
+    pixel_frames = video_frames_for(latent)
     if n == 1:
         out = small.expand(t, h, w)
     elif n == t:
         out = small
-    elif n == pixel_frames and (n - 1) % 4 == 0 and (n - 1) // 4 + 1 >= t:
-        latent = (n - 1) // 4 + 1
-        lat_idx = torch.tensor([0] + [(f - 1) // 4 + 1 for f in range(1, n)])
+    elif n == pixel_frames:
+        lat_idx = torch.tensor([0] + [(f - 1) // VAE_TEMPORAL + 1 for f in range(1, n)])
         tok_idx = (lat_idx * t // latent).to(small.device)
         out = torch.zeros(t, h, w, device=small.device).index_add_(0, tok_idx, small)
         out /= torch.bincount(tok_idx, minlength=t).clamp_min(1).view(t, 1, 1).to(out)

@@ -60,8 +60,9 @@ class CustomVideoXEntityRegion(io.ComfyNode):
                 io.String.Input("subject_words", default="", optional=True,
                                 tooltip="auto: the subject's word(s) in the prompt, comma-separated (e.g. 'corgi, dog')."),
                 io.Clip.Input("clip", optional=True, tooltip="auto: the T5 CLIP, used only to tokenise the prompt."),
-                io.Mask.Input("mask", optional=True, tooltip="mask: where the subject should be (any size; 1 or "
-                                                            "one per frame)."),
+                io.Mask.Input("mask", optional=True, tooltip="mask: where the subject should be (any size with the "
+                                                            "video's aspect ratio; 1 frame, or one per video "
+                                                            "frame)."),
             ],
             outputs=[
                 CVXRegion.Output(display_name="region"),
@@ -76,12 +77,13 @@ class CustomVideoXEntityRegion(io.ComfyNode):
         common = dict(lam=lam, map_block=map_block, refine=refine, top_k=top_k, smooth=smooth)
         if mode == "mask":
             if mask is None:
-                raise ValueError("CustomVideoXEntityRegion: mode is 'mask' but no MASK is connected")
+                raise ValueError("CustomVideoXEntityRegion mask: mode is 'mask' but no MASK is connected: connect "
+                                 "one, or use auto mode")
             m = mask.float()
             if m.ndim == 2:
                 m = m[None]
             if not bool((m > 0).any()):
-                raise ValueError("CustomVideoXEntityRegion: the mask is empty (all zeros): paint the subject's "
+                raise ValueError("CustomVideoXEntityRegion mask: the mask is empty (all zeros): paint the subject's "
                                  "region, or use auto mode")
             return io.NodeOutput(EntityRegion(mode="mask", mask=m.cpu(), **common), m)
         if clip is None or not prompt.strip() or not subject_words.strip():
@@ -93,5 +95,5 @@ class CustomVideoXEntityRegion(io.ComfyNode):
         try:
             idx = entity_tokens_with_tokenizer(ids, words, hf, prompt=prompt)
         except ValueError as e:
-            raise ValueError(f"CustomVideoXEntityRegion: subject_words: {e}") from e
+            raise ValueError(f"CustomVideoXEntityRegion subject_words: {e}") from e
         return io.NodeOutput(EntityRegion(mode="auto", entity_idx=tuple(idx), **common), torch.zeros(1, 64, 64))

@@ -212,19 +212,45 @@ def reference_stream_kv(dm, latent: torch.Tensor, context: torch.Tensor, ref_rop
     return [(torch.cat([p[0] for p in blk], dim=2), torch.cat([p[1] for p in blk], dim=2)) for blk in kv]
 
 
-def _check_geometry(entries: list[ReferenceEntry], x: torch.Tensor, dm) -> None:
+def _check_geometry(entries: list[ReferenceEntry], x: torch.Tensor, context: torch.Tensor, dm) -> None:
+    """Checks that need the video, so run at the sampler: each message starts with the pack node and the
+    input to change, as the host attributes the error to the sampler node."""
     _, c, t, h, w = x.shape
     if h % dm.patch_size or w % dm.patch_size:
-        raise PatchError(f"CustomVideoX: the video is {w * 8}x{h * 8} pixels; width and height must be multiples "
-                         f"of {8 * dm.patch_size} (set them on the empty latent node, e.g. 720x480)")
+        raise PatchError(f"CustomVideoXReferenceEncode width/height: the video (the sampler's latent) is "
+                         f"{w * 8}x{h * 8} pixels; with a reference, width and height must be multiples of "
+                         f"{8 * dm.patch_size}: set the empty latent node to such a size (e.g. 720x480) and "
+                         f"CustomVideoXReferenceEncode's width/height to the same")
     for e in entries:
         _, rc, _, rh, rw = e.latent.shape
         if rc != c:
-            raise PatchError(f"CustomVideoX: the reference latent has {rc} channels, the model takes {c}: encode "
-                             f"the reference with this model's CogVideoX VAE")
+            raise PatchError(f"CustomVideoXReferenceEncode vae: the reference latent has {rc} channels, the model "
+                             f"takes {c}: encode the reference with this model's CogVideoX VAE")
         if (rh, rw) != (h, w):
-            raise PatchError(f"CustomVideoX: the reference was encoded at {rw * 8}x{rh * 8} pixels but the video is "
-                             f"{w * 8}x{h * 8}: set CustomVideoXReferenceEncode's width/height to the video's")
+            raise PatchError(f"CustomVideoXReferenceEncode width/height: the reference was encoded at "
+                             f"{rw * 8}x{rh * 8} pixels but the video is {w * 8}x{h * 8}: set "
+                             f"CustomVideoXReferenceEncode's width/height to the video's")
+        r = e.region
+        if r is not None and r.mode == "auto" and max(r.entity_idx) >= context.shape[1]:
+            raise PatchError(f"CustomVideoXEntityRegion subject_words: the subject's words are at text tokens "
+                             f"up to {max(r.entity_idx)} of the region's prompt, but the sampler's conditioning "
+                             f"has {context.shape[1]} text tokens: encode the same prompt with the T5 CLIP "
+                             f"(CLIPLoader type cogvideox) that the region node tokenises with")
+
+
+def _mask_maps(entries: list[ReferenceEntry], grid: tuple[int, int, int], latent_frames: int, batch: int,
+               device: torch.device) -> dict[int, torch.Tensor]:
+    """Entry index -> refined ``[B, Sv]`` map, for every mask-mode region."""
+    maps = {}
+    for e_i, e in enumerate(entries):
+        r = e.region
+        if r is not None and r.mode == "mask":
+            try:
+                m = mask_to_token_map(r.mask, grid, latent_frames)
+            except ValueError as err:
+                raise PatchError(f"CustomVideoXEntityRegion mask: {err}") from err
+            maps[e_i] = refine_map(m.to(device)[None].expand(batch, -1), grid, r.refine, r.top_k, r.smooth)
+    return maps
 
 
 def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, **kwargs):
@@ -232,7 +258,7 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
     dm = executor.class_obj
     if not entries:
         return executor(x, timestep, context, ofs, transformer_options, **kwargs)
-    _check_geometry(entries, x, dm)
+    _check_geometry(entries, x, context, dm)
     sigmas, sample_sigmas = transformer_options.get("sigmas"), transformer_options.get("sample_sigmas")
     progress = 0.0 if sigmas is None or sample_sigmas is None else \
         progress_from_sigmas(float(sigmas.max()), sample_sigmas)
@@ -257,11 +283,7 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
     state = ForwardState(entries=entries, layout=layout, row_bias=row_bias, ref_owner=owner,
                          num_blocks=len(dm.blocks), cond_row=cond_row)
 
-    for e_i, e in enumerate(entries):
-        if e.region is not None and e.region.mode == "mask":
-            m = mask_to_token_map(e.region.mask, grid).to(x.device, torch.float32)
-            state.region_maps[e_i] = refine_map(m[None].expand(x.shape[0], -1), grid, e.region.refine,
-                                                e.region.top_k, e.region.smooth)
+    state.region_maps.update(_mask_maps(entries, grid, t, x.shape[0], x.device))
 
     opts = dict(transformer_options)
     opts[STATE_KEY] = state
@@ -351,8 +373,9 @@ class AttentionOverride:
         heads = kwargs.pop("heads") if "heads" in kwargs else args[3]
         rest = args[4:]
         if kwargs.get("mask") is not None:
-            raise PatchError("CustomVideoX: another patch passes an attention mask to CogVideoX; "
-                             "combining it with reference attention is not supported")
+            raise PatchError("CustomVideoXApply model: another patch on this MODEL passes an attention mask to "
+                             "CogVideoX; combining it with reference attention is not supported: remove that "
+                             "patch, or apply it to a model without a reference")
         kwargs.pop("mask", None)
         block = state.block
         state.block += 1
@@ -454,6 +477,21 @@ def prepare_sampling_wrapper(executor, model, noise_shape, *args, **kwargs):
     return executor(model, noise_shape, *args, **kwargs)
 
 
+# ReferenceEntry fields the patch reads from the first entry only, with the Apply input that sets them:
+# one attention layout per model call (two-way tokens in the sequence or one-way cached K/V) and one
+# RoPE table in which the video's own positions depend on the reference placement (shift moves them).
+SHARED_SETTINGS = (("mode", "attention_mode"), ("ref_rope", "reference_rope"))
+
+
+def _check_stackable(first: ReferenceEntry, entry: ReferenceEntry) -> None:
+    for field_name, input_name in SHARED_SETTINGS:
+        old, new = getattr(first, field_name), getattr(entry, field_name)
+        if old != new:
+            raise PatchError(f"CustomVideoXApply {input_name}: this node has {new!r} but the MODEL already has a "
+                             f"reference with {old!r} from an earlier CustomVideoXApply; stacked references share "
+                             f"one {input_name}: set the same value on every CustomVideoXApply of this model")
+
+
 def apply_reference(model, entry: ReferenceEntry):
     """A patched clone of ``model`` with ``entry`` added (the input model is not changed)."""
     if entry.mode not in MODES:
@@ -461,9 +499,8 @@ def apply_reference(model, entry: ReferenceEntry):
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
     entries = list(to.get(ENTRIES_KEY) or [])
-    if entries and entries[0].mode != entry.mode:
-        raise PatchError(f"CustomVideoX: this model already has a {entries[0].mode} reference; all "
-                         f"CustomVideoXApply nodes on one model must use the same attention mode")
+    if entries:
+        _check_stackable(entries[0], entry)
     to[ENTRIES_KEY] = entries + [entry]
     if not m.get_wrappers(pe.WrappersMP.DIFFUSION_MODEL, KEY):
         m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY, diffusion_wrapper)

@@ -7,8 +7,10 @@ test-only nodes in tests/test_nodes_testonly. Tallies of bad inputs / faults / r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,21 +75,20 @@ def insert_model_node(prompt: dict[str, Any], node_id: str, node: dict[str, Any]
     return p
 
 
-def record(section: str, data: dict[str, Any]) -> None:
-    """Merge ``data`` into ``section`` of test-artifacts/reliability.json."""
+def record(section: str, data: dict[str, Any], replace: bool = False) -> None:
+    """Merge ``data`` into ``section`` of test-artifacts/reliability.json (``replace``: the section
+    becomes ``data``, so nothing from an earlier run survives in it)."""
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
     try:
         doc = json.loads(ARTIFACT.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         doc = {}
-    doc[section] = {**doc.get(section, {}), **data}
+    doc[section] = data if replace else {**doc.get(section, {}), **data}
     ARTIFACT.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
 
 
 def report_line(config, text: str) -> None:
     """Print ``text`` on the terminal even under ``-q`` and output capture."""
-    import contextlib
-
     tr = config.pluginmanager.get_plugin("terminalreporter")
     capman = config.pluginmanager.get_plugin("capturemanager")
     # Output capture is on during fixture teardown: suspend it so the line reaches the terminal.
@@ -96,3 +97,58 @@ def report_line(config, text: str) -> None:
             tr.write_line(text)
         else:  # pragma: no cover
             print(text)
+
+
+class Outcomes:
+    """Each test's outcome as pytest reports it (``nodeid -> "passed" | "failed" | "skipped"``): a test
+    counts as passed only when its setup, call and teardown all passed. A pytest plugin, registered
+    for a while by :func:`collect_outcomes`."""
+
+    def __init__(self) -> None:
+        self.by_nodeid: dict[str, str] = {}
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.when == "call" or not report.passed:
+            if self.by_nodeid.get(report.nodeid) in (None, "passed"):
+                self.by_nodeid[report.nodeid] = report.outcome
+
+
+@contextlib.contextmanager
+def collect_outcomes(config) -> Iterator[Outcomes]:
+    """Register an :class:`Outcomes` plugin while the block runs (e.g. around a module fixture's yield:
+    the last test's call report arrives before module teardown)."""
+    seen = Outcomes()
+    config.pluginmanager.register(seen)
+    try:
+        yield seen
+    finally:
+        config.pluginmanager.unregister(seen)
+
+
+def tally_report(cases: Sequence[Any], items: Sequence[Any], outcomes: dict[str, str],
+                 messages: dict[str, str] | None = None) -> dict[str, Any]:
+    """The tally of a table of cases from pytest's outcomes, per owner (e.g. "pack" / "host").
+
+    ``cases``: objects with ``id``, ``owner`` and ``kind`` (several cases may share a kind, e.g. one
+    input on two models); ``items``: the module's collected tests, a case's test being the item whose
+    ``callspec.params["case"]`` is it; ``outcomes``: :attr:`Outcomes.by_nodeid`. Per owner: ``kinds`` in
+    the table, ``tried`` (a case of the kind ran), ``handled`` (every case of the kind ran and passed);
+    then each case's outcome ("passed", "failed", "skipped" or "not run") and the module's other tests.
+    """
+    def case_of(item: Any) -> Any:
+        return getattr(getattr(item, "callspec", None), "params", {}).get("case")
+
+    by_case = {case_of(i).id: outcomes.get(i.nodeid, "not run") for i in items if case_of(i) is not None}
+    owners: dict[str, dict[str, list[str]]] = {}
+    for c in cases:
+        owners.setdefault(c.owner, {}).setdefault(c.kind, []).append(by_case.get(c.id, "not run"))
+    report: dict[str, Any] = {}
+    for owner, kinds in owners.items():
+        tried = {k for k, res in kinds.items() if any(r != "not run" for r in res)}
+        handled = {k for k in tried if all(r == "passed" for r in kinds[k])}
+        report[owner] = {"kinds": len(kinds), "tried": len(tried), "handled": len(handled),
+                         "not_handled": sorted(tried - handled), "not_run": sorted(set(kinds) - tried)}
+    report["cases"] = {c.id: {"owner": c.owner, "kind": c.kind, "outcome": by_case.get(c.id, "not run"),
+                              "message": (messages or {}).get(c.id, "")[:300]} for c in cases}
+    report["other_checks"] = {i.name: outcomes.get(i.nodeid, "not run") for i in items if case_of(i) is None}
+    return report

@@ -62,8 +62,9 @@ def patch(pk, model, ref: torch.Tensor, mode: str = "one_way", strength: float =
     """CustomVideoXApply (the node's own execute) with TAB and, by default, a mask-mode ERAE region."""
     reg = None
     if region == "mask":
-        m = torch.zeros(1, 64, 80)
-        m[:, 16:48, 20:60] = 1.0
+        H, W = ref.shape[-2] * 8, ref.shape[-1] * 8  # the video's size: a mask of another aspect is refused
+        m = torch.zeros(1, H, W)
+        m[:, H // 4:3 * H // 4, W // 4:3 * W // 4] = 1.0
         reg = pk.er.EntityRegion(mode="mask", mask=m, lam=1.0)
     elif region == "auto":
         reg = pk.er.EntityRegion(mode="auto", entity_idx=(3, 4), lam=1.0, map_block=1)

@@ -45,6 +45,18 @@ def test_bare_form_only_counts_after_a_boundary_token():
         find_entity_tokens(prompt, [[1782]], ["dog"], {EOS, PAD}, boundary_ids=set(), **kwargs)
 
 
+def test_filler_pieces_match_in_place_but_are_never_returned():
+    UNK, SPACE = 2, 3  # T5's <unk> and bare "▁"
+    prompt = [SPACE, 9, SPACE, UNK, 3154, SPACE, UNK, 6, EOS, PAD]  # "a <emoji> runs <emoji>."
+    kwargs = {"filler_ids": {UNK, SPACE}}
+    with pytest.raises(ValueError, match='"x" cannot be spelled.*mask'):
+        find_entity_tokens(prompt, [[SPACE, UNK]], ["x"], {EOS, PAD}, **kwargs)
+    # "▁ läuft": the bare "▁" is part of the form but not returned
+    assert find_entity_tokens([SPACE, 15241, EOS], [[SPACE, 15241]], ["läuft"], {EOS}, **kwargs) == [1]
+    # a form with a filler inside ("▁Zo <unk>") matches only where the prompt has the <unk> too
+    assert find_entity_tokens([6226, UNK, 6226, 9, EOS], [[6226, UNK]], ["Zoë"], {EOS}, **kwargs) == [0]
+
+
 def test_unknown_word_error_names_word_prompt_and_what_to_do():
     long_prompt = "a photo of a corgi dog running on the beach " * 4
     with pytest.raises(ValueError) as info:
@@ -113,6 +125,47 @@ def test_real_t5_word_not_in_prompt(host_t5):
     prompt = "a photo of a corgi dog running on the beach"
     with pytest.raises(ValueError, match=r'"cat" is not in the prompt "a photo of a corgi.*mask'):
         entity_tokens_with_tokenizer(host_prompt_ids(wrapper, prompt), ["cat"], tok, prompt=prompt)
+
+
+def entity_pieces(wrapper, tok, prompt, words):
+    ids = host_prompt_ids(wrapper, prompt)
+    pos = entity_tokens_with_tokenizer(ids, words, tok, prompt=prompt)
+    return pos, tok.convert_ids_to_tokens([ids[p] for p in pos])
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("prompt,word", [
+    ("一只柯基在海滩上奔跑", "柯基"),  # T5's vocabulary has no CJK: the whole prompt is "▁ <unk>"
+    ("a 🐶 runs on the beach", "🐶"),  # the emoji is "▁ <unk>"; "▁" also precedes "a"
+    ('a "柯基" dog on the beach', "柯基"),  # after punctuation
+])
+def test_real_t5_word_it_cannot_spell_is_an_error_suggesting_mask_mode(host_t5, prompt, word):
+    wrapper, tok = host_t5
+    ids = host_prompt_ids(wrapper, prompt)
+    assert tok.unk_token_id in ids  # the premise: the word is unknown to T5
+    with pytest.raises(ValueError) as info:
+        entity_tokens_with_tokenizer(ids, [word], tok, prompt=prompt)
+    msg = str(info.value)
+    assert f'"{word}" cannot be spelled' in msg and "mask" in msg
+
+
+@pytest.mark.host
+def test_real_t5_matches_real_pieces_only(host_t5):
+    wrapper, tok = host_t5
+    # accented Latin T5 knows: one piece, both occurrences
+    assert entity_pieces(wrapper, tok, "a café in Paris, the café is red", ["café"])[1] == ["▁café", "▁café"]
+    # a word that occurs twice: every piece of both
+    pos, pieces = entity_pieces(wrapper, tok, "a corgi and another corgi", ["corgi"])
+    assert pieces == ["▁cor", "g", "i"] * 2 and len(set(pos)) == 6
+    # a multi-word subject (one entry), capitalised, matched as a whole at both places
+    pos, pieces = entity_pieces(wrapper, tok, "a corgi dog runs; the corgi dog barks, a dog sleeps", ["Corgi Dog"])
+    assert pieces == ["▁cor", "g", "i", "▁dog"] * 2
+    # a word with an unknown letter: its known pieces only, never the <unk>
+    assert entity_pieces(wrapper, tok, "Zoë runs on the beach", ["Zoë"])[1] == ["▁Zo"]
+    # a known word in a prompt T5 mostly cannot spell: its pieces, no bare "▁" or <unk> around it
+    assert entity_pieces(wrapper, tok, "一只 corgi 在海滩上", ["corgi"])[1] == ["▁cor", "g", "i"]
+    # a word whose form starts with a bare "▁" piece ("▁ läuft"): the piece after it
+    assert entity_pieces(wrapper, tok, "Zoë läuft am Strand", ["läuft"])[1] == ["läuft"]
 
 
 # --- attention map --------------------------------------------------------------------------------
@@ -214,16 +267,27 @@ def test_entity_map_peak_memory_at_480x720x49_geometry(tmp_path):
 
 
 def test_half_white_mask_any_size_gives_half_ones():
-    mask = torch.zeros(480, 720)
+    mask = torch.zeros(480, 736)
     mask[:, :360] = 1.0
-    tmap = mask_to_token_map(mask, (13, 30, 45 + 1))  # 46 columns: the middle one straddles the edge
+    tmap = mask_to_token_map(mask, (13, 30, 46))  # 16 px per token: column 22 (px 352..367) is half white
     frames = tmap.reshape(13, 30, 46)
     assert torch.equal(frames[:, :, :22], torch.ones(13, 30, 22))
-    assert torch.equal(frames[:, :, 24:], torch.zeros(13, 30, 22))
-    assert torch.allclose(frames[0, 0, 22:24], torch.tensor([1.0, 0.0]), atol=0.5)
-    small = mask_to_token_map(torch.tensor([[1.0, 0.0]]), (2, 4, 6))  # 1x2 upscaled
-    assert torch.equal(small.reshape(2, 4, 6)[..., :3], torch.ones(2, 4, 3))
-    assert torch.equal(small.reshape(2, 4, 6)[..., 3:], torch.zeros(2, 4, 3))
+    assert torch.equal(frames[:, :, 23:], torch.zeros(13, 30, 23))
+    assert torch.equal(frames[:, :, 22], torch.full((13, 30), 0.5))
+    small = mask_to_token_map(torch.tensor([[1.0, 0.0]]), (2, 4, 8))  # 1x2 upscaled
+    assert torch.equal(small.reshape(2, 4, 8)[..., :4], torch.ones(2, 4, 4))
+    assert torch.equal(small.reshape(2, 4, 8)[..., 4:], torch.zeros(2, 4, 4))
+    # within 1% of the video's aspect ratio (the encode node's rule): resized, not refused
+    assert mask_to_token_map(torch.ones(480, 725), (13, 30, 45)).shape == (13 * 30 * 45,)
+
+
+def test_mask_with_another_aspect_ratio_is_refused_not_stretched():
+    # a 720x480 video (45x30 tokens): a square mask, or a 1% wider one, would be stretched
+    for h, w in ((480, 480), (480, 728), (64, 16)):
+        with pytest.raises(ValueError) as info:
+            mask_to_token_map(torch.ones(h, w), (13, 30, 45))
+        msg = str(info.value)
+        assert f"the mask is {w}x{h}" in msg and "720x480" in msg and "aspect" in msg and "stretched" in msg
 
 
 def test_mask_frames_per_latent_and_per_video_frame():
@@ -236,9 +300,9 @@ def test_mask_frames_per_latent_and_per_video_frame():
     per_video = torch.stack([torch.full((8, 8), float(f) / 10) for f in range(9)])
     got = mask_to_token_map(per_video, grid).reshape(3, 4)[:, 0]
     assert torch.allclose(got, torch.tensor([0.0, 0.25, 0.65]))
-    # CogVideoX 1.5 style: 2 token frames from 17 video frames (5 latents, temporal patch 2)
-    got15 = mask_to_token_map(torch.ones(17, 4, 4), (2, 2, 2), video_frames=17)
-    assert torch.equal(got15, torch.ones(8))
+    # CogVideoX 1.5 style: 3 token frames from 17 video frames (5 latents, padded to 6, temporal patch 2)
+    got15 = mask_to_token_map(torch.ones(17, 4, 4), (3, 2, 2), latent_frames=5)
+    assert torch.equal(got15, torch.ones(12))
     with pytest.raises(ValueError) as info:
         mask_to_token_map(torch.ones(5, 8, 8), grid)
     for word in (
@@ -250,6 +314,25 @@ def test_mask_frames_per_latent_and_per_video_frame():
         assert word in str(info.value)
     with pytest.raises(ValueError, match=r"expected \[H, W\]"):
         mask_to_token_map(torch.ones(1, 1, 8, 8), grid)
+
+
+def test_per_video_frame_mask_on_cogvideox_1_5_geometry():
+    # 9 video frames -> 3 latent frames (VAE: frame 0, frames 1..4, frames 5..8); the host pads them to 4
+    # and the DiT patches 2 latent frames per token frame: token frame 0 <- latents 0, 1 <- video frames
+    # 0..4; token frame 1 <- latent 2 (+ padding) <- video frames 5..8.
+    per_video = torch.stack([torch.full((8, 8), float(f)) for f in range(9)]) / 10
+    got = mask_to_token_map(per_video, (2, 2, 2), latent_frames=3).reshape(2, 4)[:, 0]
+    assert torch.allclose(got, torch.tensor([(0 + 1 + 2 + 3 + 4) / 50, (5 + 6 + 7 + 8) / 40]))
+    # 4 latent frames (13 video frames, no padding) -> token frames from video frames 0..4 and 5..12
+    ramp = torch.ones(13, 8, 8) * torch.arange(13.0)[:, None, None] / 20
+    got = mask_to_token_map(ramp, (2, 2, 2), latent_frames=4).reshape(2, 4)[:, 0]
+    assert torch.allclose(got, torch.tensor([sum(range(5)) / 100, sum(range(5, 13)) / 160]))
+    assert torch.allclose(mask_to_token_map(per_video[:2], (2, 2, 2), latent_frames=3).reshape(2, 4)[:, 0],
+                          per_video[:2, 0, 0])  # one per token frame
+    with pytest.raises(ValueError) as info:
+        mask_to_token_map(torch.ones(5, 8, 8), (2, 2, 2), latent_frames=3)
+    assert "mask has 5 frames" in str(info.value) and "2 (one per latent token frame)" in str(info.value)
+    assert "9 (one per video frame" in str(info.value)
 
 
 def test_empty_mask_is_a_clear_error():
