@@ -128,10 +128,12 @@ def reference_attention(
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unmasked attention and its log-sum-exp ``[B, H, Sq]``, from torch's fused kernels.
+    """Unmasked attention and its log-sum-exp ``[B, H, >= Sq]``, from torch's fused kernels.
 
     CUDA: the flash kernel for fp16/bf16, the memory-efficient one otherwise; CPU: the CPU flash
-    kernel. These are torch-internal ops (stable across 2.x), used only by the ``"lse"`` path.
+    kernel. These are torch-internal ops (stable across 2.x), used only by the ``"lse"`` path. The
+    memory-efficient kernel pads its log-sum-exp along the query axis (to a multiple of 32):
+    :func:`merge_by_lse` reads the first Sq entries only.
     """
     if q.is_cuda:
         if q.dtype in (torch.float16, torch.bfloat16):
@@ -141,6 +143,22 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
         return out, lse.float()
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
     return out, lse.float()
+
+
+def merge_by_lse(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """Softmax attention over the union of several key sets, from each set's ``(out, lse, shift)``.
+
+    ``out``: ``[B, H, Sq, D]``; ``lse``: ``[B, H, >= Sq]`` (a kernel may pad it past Sq; only the first
+    Sq entries are read); ``shift``: a logit bias constant over the set's keys, per query, broadcastable
+    to ``[B, H, Sq]`` (None = 0; ``-inf`` = the set is off for that query).
+    """
+    sq = parts[0][0].shape[2]
+    lses = []
+    for _, lse, shift in parts:
+        lse = lse[..., :sq].float()
+        lses.append(lse if shift is None else lse + shift)
+    weights = torch.softmax(torch.stack(lses), dim=0)  # [G, B, H, Sq]; a -inf shift gives weight 0
+    return sum(w[..., None].to(out.dtype) * out for w, (out, _, _) in zip(weights, parts))
 
 
 def reference_attention_lse(
@@ -166,16 +184,11 @@ def reference_attention_lse(
         vk = layout.video_key_start
         k, v = torch.cat([k[:, :, :text], k[:, :, vk:]], 2), torch.cat([v[:, :, :text], v[:, :, vk:]], 2)
     B = q.shape[0]
-    outs, lses = [], []
-    out, lse = attention_with_lse(q, k, v)
-    outs.append(out)
-    lses.append(lse)
+    parts = [(*attention_with_lse(q, k, v), None)]
     for j, (rk, rv) in enumerate(ref_kv):
         out, lse = attention_with_lse(q, rk.expand(B, -1, -1, -1).to(q.dtype), rv.expand(B, -1, -1, -1).to(q.dtype))
         shift = ref_bias[:, j, None, None].float().expand(B, 1, q.shape[2]).clone()
         if region_bias is not None:
             shift[:, 0, vq:vq + layout.video] += region_bias[:, j].float()
-        outs.append(out)
-        lses.append(lse + shift)
-    weights = torch.softmax(torch.stack(lses), dim=0)  # [G, B, H, Sq]; a -inf bias gives weight 0
-    return sum(w[..., None].to(o.dtype) * o for w, o in zip(weights, outs))
+        parts.append((out, lse, shift))
+    return merge_by_lse(parts)
