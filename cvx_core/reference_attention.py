@@ -3,20 +3,25 @@
 One scaled-dot-product call per block over ``[text | references | video]`` keys
 (design.md §1). Two kinds of bias, neither of them a dense ``Sq x Sk`` tensor:
 
-* **TAB / strength** — one logit bias per (batch row, reference), the same for every query:
-  a key-column mask of shape ``(B, 1, 1, Sk)``. ``-inf`` switches a reference off for that
-  row (text and video queries alike, so "off" equals the base model; design.md §1).
-  Peak extra memory: ``B * Sk`` elements (76 KB at 480x720x49 in fp32, B = 1).
-* **ERAE** — a per-video-query bias ``lambda * map[q]`` on one reference's columns. A
-  per-query x per-key bias cannot be broadcast into one mask, so it is folded into the dot
-  product instead: each reference with a region gets one extra q/k channel (k = 1 on its
-  columns, q = the bias), padded to a multiple of 8 channels so fused kernels still apply,
-  with q pre-scaled so the backend's default ``1/sqrt(d)`` scale stays exact. Peak extra
-  memory: copies of q, k, v with ``d + pad`` channels, ``3 * B * H * S * (d + pad)``
-  elements, plus the column mask (about 3x the q size at d = 64; never ``Sq x Sk``).
+* **Column biases** — one logit bias per (batch row, reference), the same for every query:
+  a key-column mask of shape ``(B, 1, 1, Sk)``. Peak extra memory: ``B * Sk`` elements
+  (76 KB at 480x720x49 in fp32, B = 1).
+* **Video-row biases** — a per-video-query bias on one reference's columns (ERAE's
+  ``lambda * map[q]``, and a strength/TAB bias limited to the video rows). A per-query x
+  per-key bias cannot be broadcast into one mask, so it is folded into the dot product
+  instead: each reference gets one extra q/k channel (k = 1 on its columns, q = the bias),
+  padded to a multiple of 8 channels so fused kernels still apply, with q pre-scaled so the
+  backend's default ``1/sqrt(d)`` scale stays exact. Peak extra memory: copies of q, k, v
+  with ``d + pad`` channels, ``3 * B * H * S * (d + pad)`` elements, plus the column mask
+  (about 3x the q size at d = 64; never ``Sq x Sk``).
 
-A reference's bias applies to every query row's logits on its columns, text and reference
-queries included ([reconstructed]: the column form is what keeps it one broadcast mask).
+Which rows a bias reaches (the callers' rule): ``-inf`` (reference off) is a column bias, so it
+masks the reference from every query, text and reference queries included, which is what makes
+"off" equal the base model (masking only the video queries still lets the reference reach the
+video through the text; design.md §1). A finite strength/TAB bias is a column bias by default
+([reconstructed]: one broadcast mask, and every token reading the reference sees it scaled
+alike), or a video-row bias when the user limits it to the video queries. ERAE's bias is always
+a video-row bias.
 """
 
 from __future__ import annotations

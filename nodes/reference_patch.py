@@ -9,9 +9,13 @@
   :func:`cvx_core.reference_attention.reference_attention` with the call's layout;
 * an object patch of ``diffusion_model._get_rotary_emb`` (:class:`RotaryPatch`) so the
   video keeps temporal positions 0..T-1 and references get theirs (cvx_core.rope);
-* an OUTER_SAMPLE wrapper that owns the per-run cache (one-way reference K/V) and drops
-  it when the run ends, interrupted or not; a PREPARE_SAMPLING wrapper that counts the
+* an OUTER_SAMPLE wrapper that owns the per-run cache (one-way reference K/V, the positive
+  prompt, the latest ERAE auto maps) and drops it when the run ends, interrupted or not; a PREPARE_SAMPLING wrapper that counts the
   reference frames in the host's memory estimate.
+
+ERAE auto maps are the positive prompt's in every call: a call without cond rows (the host
+runs uncond alone when memory is short) reuses the maps its step's cond call cached, or runs
+the positive prompt up to the last map block (a "probe", ended by :class:`_MapsReady`).
 
 Several ``apply_reference`` calls stack: entries accumulate in
 ``transformer_options[ENTRIES_KEY]`` and the machinery above is installed once.
@@ -286,7 +290,8 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
         # Every reference is off for every row: the exact base model, no extra tokens.
         return executor(x, timestep, context, ofs, transformer_options, **kwargs)
     # The host passes control=None; other per-call arguments cannot be split by row.
-    if bool(off.any()) and transformer_options.get("cond_or_uncond") and all(v is None for v in kwargs.values()):
+    by_rows = all(v is None for v in kwargs.values())
+    if bool(off.any()) and transformer_options.get("cond_or_uncond") and by_rows:
         return _split_rows(executor, off, x, timestep, context, ofs, transformer_options, **kwargs)
 
     p_t = dm.patch_size_t or 1
@@ -315,7 +320,7 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
     cache: RunCache | None = transformer_options.get(RUN_KEY)
     text = cache.positive(context) if cache is not None else None
     auto = [e_i for e_i, e in enumerate(entries) if erae_on[e_i] and e.region.mode == "auto"]
-    if auto and text is not None:
+    if auto and text is not None and by_rows:
         state.run = cache
         if 0 in cond_or_uncond:
             rows = state.map_rows

@@ -88,3 +88,50 @@ def test_uncond_alone_reuses_the_cond_calls_maps_or_probes(pk, model, inputs, mo
         sample(m, inputs)
         assert calls["map blocks"] == per_step * 3, (uncond_first, calls)
         assert max_diff(pairs, 1) <= 1e-6
+
+
+def recorded_batched(m):
+    """A clone that records each evaluation's cond and uncond predictions ([2, ...]), batched as usual."""
+    import comfy.samplers
+
+    preds: list[torch.Tensor] = []
+
+    def calc(args):
+        out = comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
+                                             args["model_options"])
+        preds.append(torch.cat(out))
+        return out
+
+    m = m.clone()
+    m.model_options["sampler_calc_cond_batch_function"] = calc
+    return m, preds
+
+
+@pytest.mark.parametrize("mode", ["auto", "mask"])
+def test_erae_applies_from_start_percent(pk, model, inputs, monkeypatch, mode):
+    """Before start_percent the model is exactly the same reference without a region (no map is even
+    computed); from it on, the region acts. 4 euler steps: progress 0, 0.25, 0.5, 0.75."""
+    calls: list[int] = []
+    real = pk.rp.entity_attention
+    monkeypatch.setattr(pk.rp, "entity_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    mask = torch.zeros(1, 64, 80)
+    mask[:, 16:48, 20:60] = 1.0
+    reg = region(pk, start_percent=0.5) if mode == "auto" else \
+        pk.er.EntityRegion(mode="mask", mask=mask, lam=3.0, start_percent=0.5)
+    with_region, r_preds = recorded_batched(patch(pk, model, inputs.ref, mode="two_way", region=reg))
+    sample(with_region, inputs, steps=4)
+    without, w_preds = recorded_batched(patch(pk, model, inputs.ref, mode="two_way", region=None))
+    sample(without, inputs, steps=4)
+    assert len(r_preds) == len(w_preds) == 4
+    assert all(torch.equal(a, b) for a, b in zip(r_preds[:2], w_preds[:2]))
+    assert float((r_preds[2] - w_preds[2]).abs().max()) > 1e-3
+    assert len(calls) == (2 if mode == "auto" else 0)  # maps only at progress 0.5 and 0.75
+
+
+def test_apply_checks_the_last_map_block_against_block_end(pk, model, inputs):
+    # 4 blocks (0..3): map blocks 1..2 are fine; 2..3 reach the last block, which would leave none to use it.
+    patch(pk, model, inputs.ref, region=region(pk, map_block=1, map_blocks=2))
+    with pytest.raises(pk.rp.PatchError, match=r"map_block 2 with map_blocks 2 \(blocks 2\.\.3\).*below 3"):
+        patch(pk, model, inputs.ref, region=region(pk, map_block=2, map_blocks=2))
+    with pytest.raises(pk.rp.PatchError, match=r"map_block 1.*below 1"):
+        patch(pk, model, inputs.ref, region=region(pk, map_block=1), block_end=1)
