@@ -20,6 +20,15 @@ import torch.nn.functional as F
 
 REGION_MODES = ("auto", "mask")
 REFINE_MODES = ("soft", "top_k")
+MAP_NORMS = ("relative", "minmax")
+# "relative" normalisation: a token attending (1 + MAP_CONTRAST) x its frame's mean gets the full λ.
+MAP_CONTRAST = 1.0
+# Default block whose attention gives the auto map (both the node and the core): an early block, which
+# already localises nouns and leaves most blocks to use the map.
+MAP_BLOCK = 2
+# Default sampling progress from which ERAE applies: the first steps' latent is nearly pure noise, so an
+# auto map read from it is noise too (and the layout is still forming).
+ERAE_START = 0.1
 # Pieces a word may follow directly, without a space (sentencepiece then drops the word's "▁").
 _PUNCT_PREFIXES = ("(", '"', "'", "-", "/", "[", ",", ".")
 
@@ -176,7 +185,7 @@ def _check_grid(grid: tuple[int, int, int], n: int | None = None) -> tuple[int, 
     return t, h, w
 
 
-def entity_map_from_attention(
+def entity_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     text_range: tuple[int, int],
@@ -185,22 +194,17 @@ def entity_map_from_attention(
     grid: tuple[int, int, int],
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Per-frame-normalised map ``[B, T*h*w]`` (float32, in [0, 1]) of how much video queries attend
-    to the entity's text tokens.
+    """How much each video query attends to the entity's text tokens: ``[B, T*h*w]`` float32, raw
+    (not normalised; :func:`normalize_entity_map` makes the map).
 
     ``q``, ``k``: ``[B, H, S, D]`` on the joint sequence, post-RoPE, as inside the attention call;
     ``text_range``/``video_range``: ``[start, end)`` of the text and video tokens in S;
     ``entity_idx``: positions relative to ``text_range[0]`` (as :func:`find_entity_tokens` gives).
     Per head: softmax of the video queries' logits over the text keys only, summed over the entity
-    columns; then the mean over heads; then min-max per frame. A flat frame (no preference) maps to
-    zeros, so it adds no region bias rather than a uniform one (a uniform λ would just change the
-    reference strength).
+    columns; then the mean over heads. [reconstructed] (design.md §1, ERAE).
 
-    [reconstructed] softmax over text keys only, sum over entity tokens, mean over heads, per-frame
-    min-max normalisation (design.md §1, ERAE).
-
-    The map is computed per batch element: an unconditional row whose prompt lacks the entity gives
-    a meaningless map, so callers should reuse the conditional row's map for it.
+    Computed per batch element: an unconditional row whose prompt lacks the entity gives a
+    meaningless map, so callers use the positive prompt's map for every row.
 
     Memory: heads run one at a time, in place; peak extra allocation is at most
     ``4 · B · (Sv·St + Sv·D + St·D + Sv·E + 4·Sv)`` bytes (one head's float32 logits plus float32
@@ -217,7 +221,7 @@ def entity_map_from_attention(
             f"text_range {text_range} / video_range {video_range} do not fit the sequence of "
             f"{q.shape[2]} tokens: expected [start, end) ranges inside it"
         )
-    t, h, w = _check_grid(grid, v1 - v0)
+    _check_grid(grid, v1 - v0)
     positions = [int(i) for i in entity_idx]
     if not positions or min(positions) < 0 or max(positions) >= t1 - t0:
         raise ValueError(
@@ -235,13 +239,47 @@ def entity_map_from_attention(
         logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
         acc += logits.index_select(-1, idx).sum(-1) / logits.sum(-1)
         del logits
-    acc /= heads
-    frames = acc.view(batch, t, h * w)
+    return acc.div_(heads)
+
+
+def normalize_entity_map(
+    attention: torch.Tensor, grid: tuple[int, int, int], norm: str = "relative", contrast: float = MAP_CONTRAST
+) -> torch.Tensor:
+    """Per-frame normalisation of :func:`entity_attention` ``[B, T*h*w]`` to a map in [0, 1].
+
+    ``"relative"`` (default, reconstructed): ``clamp((a - mean) / (contrast · mean), 0, 1)`` per frame,
+    the excess over the frame's mean attention relative to that mean. A frame with no preference (even
+    with small ripples) stays near 0, so ERAE invents no region; a token attending ``1 + contrast``
+    times the frame average (twice, at the default) or more gets the full λ. ``"minmax"``: per-frame
+    min-max, which stretches any ripple to 0..1 (exactly flat frames give 0).
+    """
+    if norm not in MAP_NORMS:
+        raise ValueError(f'map normalisation "{norm}" is unknown (expected one of {", ".join(MAP_NORMS)})')
+    t, h, w = _check_grid(grid, attention.shape[-1])
+    frames = attention.to(torch.float32).reshape(-1, t, h * w)
+    if norm == "relative":
+        mean = frames.mean(dim=-1, keepdim=True)
+        return ((frames - mean) / (contrast * mean).clamp_min(1e-12)).clamp_(0.0, 1.0).reshape(attention.shape)
     lo = frames.amin(dim=-1, keepdim=True)
     span = frames.amax(dim=-1, keepdim=True) - lo
     flat = span <= 1e-12
-    frames = torch.where(flat, torch.zeros_like(frames), (frames - lo) / span.masked_fill(flat, 1.0))
-    return frames.reshape(batch, t * h * w)
+    out = torch.where(flat, torch.zeros_like(frames), (frames - lo) / span.masked_fill(flat, 1.0))
+    return out.reshape(attention.shape)
+
+
+def entity_map_from_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    text_range: tuple[int, int],
+    video_range: tuple[int, int],
+    entity_idx: Sequence[int],
+    grid: tuple[int, int, int],
+    scale: float | None = None,
+    norm: str = "relative",
+) -> torch.Tensor:
+    """The ERAE map ``[B, T*h*w]`` (float32, in [0, 1]): :func:`entity_attention` normalised per frame
+    by :func:`normalize_entity_map`."""
+    return normalize_entity_map(entity_attention(q, k, text_range, video_range, entity_idx, grid, scale), grid, norm)
 
 
 # Largest relative difference of aspect ratios (height / width) under which a mask is resized to the
@@ -361,20 +399,25 @@ def _check_lam(lam: float) -> float:
 class EntityRegion:
     """ERAE settings: where the map comes from and how strongly it raises the reference bias.
 
-    ``mode="auto"``: the map comes from block ``map_block``'s attention to ``entity_idx`` (text
-    positions) and is used by the later blocks of the same forward. ``mode="mask"``: ``mask`` gives
-    the map. ``lam`` scales the extra bias ``λ · map`` on video → reference logits.
-    [reconstructed] map from an early block reused by later blocks; λ default 1 (design.md §1, ERAE).
+    ``mode="auto"``: the map comes from the attention to ``entity_idx`` (text positions) in blocks
+    ``map_block .. map_block + map_blocks - 1`` (averaged, then normalised by ``norm``) and is used by
+    the later blocks of the same forward. ``mode="mask"``: ``mask`` gives the map. ``lam`` scales the
+    extra bias ``λ · map`` on video → reference logits, from sampling progress ``start_percent`` on.
+    [reconstructed] map from an early block (default :data:`MAP_BLOCK`) reused by later blocks; λ default
+    1; start default :data:`ERAE_START` (design.md §1, ERAE).
     """
 
     mode: str = "auto"
     entity_idx: tuple[int, ...] = ()
     mask: torch.Tensor | None = None
     lam: float = 1.0
-    map_block: int = 0
+    map_block: int = MAP_BLOCK
     refine: str = "soft"
     top_k: float = 0.25
     smooth: int = 0
+    map_blocks: int = 1
+    norm: str = "relative"
+    start_percent: float = ERAE_START
 
     def __post_init__(self) -> None:
         if self.mode not in REGION_MODES:
@@ -395,6 +438,12 @@ class EntityRegion:
         object.__setattr__(self, "lam", _check_lam(self.lam))
         if int(self.map_block) != self.map_block or self.map_block < 0:
             raise ValueError(f"map_block {self.map_block} is invalid: expected a block index >= 0")
+        if int(self.map_blocks) != self.map_blocks or self.map_blocks < 1:
+            raise ValueError(f"map_blocks {self.map_blocks} is invalid: expected a block count >= 1")
+        if self.norm not in MAP_NORMS:
+            raise ValueError(f'map normalisation "{self.norm}" is unknown (expected one of {", ".join(MAP_NORMS)})')
+        if not 0.0 <= self.start_percent <= 1.0:
+            raise ValueError(f"start_percent {self.start_percent} is invalid: expected sampling progress in [0, 1]")
         if self.refine not in REFINE_MODES:
             raise ValueError(
                 f'refine mode "{self.refine}" is unknown (expected one of {", ".join(REFINE_MODES)})'
@@ -405,6 +454,11 @@ class EntityRegion:
             )
         if self.smooth < 0 or (self.smooth > 0 and self.smooth % 2 == 0):
             raise ValueError(f"smooth {self.smooth} is invalid: expected 0 (off) or an odd kernel size")
+
+    @property
+    def last_map_block(self) -> int:
+        """The last block whose attention goes into the auto map; later blocks use it."""
+        return self.map_block + self.map_blocks - 1
 
     def refined(self, token_map: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """:func:`refine_map` with this region's settings."""

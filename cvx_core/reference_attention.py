@@ -3,20 +3,25 @@
 One scaled-dot-product call per block over ``[text | references | video]`` keys
 (design.md §1). Two kinds of bias, neither of them a dense ``Sq x Sk`` tensor:
 
-* **TAB / strength** — one logit bias per (batch row, reference), the same for every query:
-  a key-column mask of shape ``(B, 1, 1, Sk)``. ``-inf`` switches a reference off for that
-  row (text and video queries alike, so "off" equals the base model; design.md §1).
-  Peak extra memory: ``B * Sk`` elements (76 KB at 480x720x49 in fp32, B = 1).
-* **ERAE** — a per-video-query bias ``lambda * map[q]`` on one reference's columns. A
-  per-query x per-key bias cannot be broadcast into one mask, so it is folded into the dot
-  product instead: each reference with a region gets one extra q/k channel (k = 1 on its
-  columns, q = the bias), padded to a multiple of 8 channels so fused kernels still apply,
-  with q pre-scaled so the backend's default ``1/sqrt(d)`` scale stays exact. Peak extra
-  memory: copies of q, k, v with ``d + pad`` channels, ``3 * B * H * S * (d + pad)``
-  elements, plus the column mask (about 3x the q size at d = 64; never ``Sq x Sk``).
+* **Column biases** — one logit bias per (batch row, reference), the same for every query:
+  a key-column mask of shape ``(B, 1, 1, Sk)``. Peak extra memory: ``B * Sk`` elements
+  (76 KB at 480x720x49 in fp32, B = 1).
+* **Video-row biases** — a per-video-query bias on one reference's columns (ERAE's
+  ``lambda * map[q]``, and a strength/TAB bias limited to the video rows). A per-query x
+  per-key bias cannot be broadcast into one mask, so it is folded into the dot product
+  instead: each reference gets one extra q/k channel (k = 1 on its columns, q = the bias),
+  padded to a multiple of 8 channels so fused kernels still apply, with q pre-scaled so the
+  backend's default ``1/sqrt(d)`` scale stays exact. Peak extra memory: copies of q, k, v
+  with ``d + pad`` channels, ``3 * B * H * S * (d + pad)`` elements, plus the column mask
+  (about 3x the q size at d = 64; never ``Sq x Sk``).
 
-A reference's bias applies to every query row's logits on its columns, text and reference
-queries included ([reconstructed]: the column form is what keeps it one broadcast mask).
+Which rows a bias reaches (the callers' rule): ``-inf`` (reference off) is a column bias, so it
+masks the reference from every query, text and reference queries included, which is what makes
+"off" equal the base model (masking only the video queries still lets the reference reach the
+video through the text; design.md §1). A finite strength/TAB bias is a column bias by default
+([reconstructed]: one broadcast mask, and every token reading the reference sees it scaled
+alike), or a video-row bias when the user limits it to the video queries. ERAE's bias is always
+a video-row bias.
 """
 
 from __future__ import annotations
@@ -128,10 +133,12 @@ def reference_attention(
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unmasked attention and its log-sum-exp ``[B, H, Sq]``, from torch's fused kernels.
+    """Unmasked attention and its log-sum-exp ``[B, H, >= Sq]``, from torch's fused kernels.
 
     CUDA: the flash kernel for fp16/bf16, the memory-efficient one otherwise; CPU: the CPU flash
-    kernel. These are torch-internal ops (stable across 2.x), used only by the ``"lse"`` path.
+    kernel. These are torch-internal ops (stable across 2.x), used only by the ``"lse"`` path. The
+    memory-efficient kernel pads its log-sum-exp along the query axis (to a multiple of 32):
+    :func:`merge_by_lse` reads the first Sq entries only.
     """
     if q.is_cuda:
         if q.dtype in (torch.float16, torch.bfloat16):
@@ -141,6 +148,22 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
         return out, lse.float()
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
     return out, lse.float()
+
+
+def merge_by_lse(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """Softmax attention over the union of several key sets, from each set's ``(out, lse, shift)``.
+
+    ``out``: ``[B, H, Sq, D]``; ``lse``: ``[B, H, >= Sq]`` (a kernel may pad it past Sq; only the first
+    Sq entries are read); ``shift``: a logit bias constant over the set's keys, per query, broadcastable
+    to ``[B, H, Sq]`` (None = 0; ``-inf`` = the set is off for that query).
+    """
+    sq = parts[0][0].shape[2]
+    lses = []
+    for _, lse, shift in parts:
+        lse = lse[..., :sq].float()
+        lses.append(lse if shift is None else lse + shift)
+    weights = torch.softmax(torch.stack(lses), dim=0)  # [G, B, H, Sq]; a -inf shift gives weight 0
+    return sum(w[..., None].to(out.dtype) * out for w, (out, _, _) in zip(weights, parts))
 
 
 def reference_attention_lse(
@@ -166,16 +189,11 @@ def reference_attention_lse(
         vk = layout.video_key_start
         k, v = torch.cat([k[:, :, :text], k[:, :, vk:]], 2), torch.cat([v[:, :, :text], v[:, :, vk:]], 2)
     B = q.shape[0]
-    outs, lses = [], []
-    out, lse = attention_with_lse(q, k, v)
-    outs.append(out)
-    lses.append(lse)
+    parts = [(*attention_with_lse(q, k, v), None)]
     for j, (rk, rv) in enumerate(ref_kv):
         out, lse = attention_with_lse(q, rk.expand(B, -1, -1, -1).to(q.dtype), rv.expand(B, -1, -1, -1).to(q.dtype))
         shift = ref_bias[:, j, None, None].float().expand(B, 1, q.shape[2]).clone()
         if region_bias is not None:
             shift[:, 0, vq:vq + layout.video] += region_bias[:, j].float()
-        outs.append(out)
-        lses.append(lse + shift)
-    weights = torch.softmax(torch.stack(lses), dim=0)  # [G, B, H, Sq]; a -inf bias gives weight 0
-    return sum(w[..., None].to(o.dtype) * o for w, o in zip(weights, outs))
+        parts.append((out, lse, shift))
+    return merge_by_lse(parts)

@@ -6,7 +6,7 @@ from comfy.ldm.cogvideo.model import CogVideoXTransformer3DModel
 from comfy_api.latest import io
 
 from ..cvx_core.rope import REF_ROPE_MODES
-from .reference_patch import MODES, PatchError, ReferenceEntry, apply_reference
+from .reference_patch import BIAS_ROWS, MODES, PatchError, ReferenceEntry, apply_reference
 from .types import CATEGORY, CVXReference, CVXRegion, CVXSchedule, EncodedReference
 
 
@@ -58,23 +58,33 @@ class CustomVideoXApply(io.ComfyNode):
                                tooltip="Temporal RoPE position of the reference: negative (before frame 0; keeps "
                                        "the video's own positions), shift (frame 0, video shifted), none.",
                                advanced=True),
+                io.Combo.Input("bias_rows", options=list(BIAS_ROWS), default="all", optional=True, advanced=True,
+                               tooltip="Which queries the strength/TAB bias reaches on the reference's keys: all "
+                                       "(text, reference and video queries; default) or video (the video "
+                                       "queries only). Reference off (strength 0, TAB off) always masks it "
+                                       "from every query."),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
 
     @classmethod
     def execute(cls, model, reference: EncodedReference, strength, block_start, block_end, apply_to_uncond,
-                attention_mode, reference_rope, schedule=None, region=None) -> io.NodeOutput:
+                attention_mode, reference_rope, schedule=None, region=None, bias_rows="all") -> io.NodeOutput:
         dm = check_cogvideox_t2v(model)
         n_blocks = len(dm.blocks)
         end = n_blocks - 1 if block_end < 0 else block_end
         if not 0 <= block_start <= end < n_blocks:
             raise PatchError(f"CustomVideoXApply: block_start..block_end is {block_start}..{block_end}, which is "
                              f"not inside this model's blocks 0..{n_blocks - 1} (block_end -1 = the last block)")
-        if region is not None and region.mode == "auto" and region.map_block >= end:
-            raise PatchError(f"CustomVideoXApply: the region's map_block is {region.map_block}, but the "
-                             f"reference is used up to block {end} of 0..{n_blocks - 1}: choose a map_block "
-                             f"below {end}")
+        if region is not None and region.mode == "auto" and region.last_map_block >= end:
+            blocks = f"map_block {region.map_block}" + (f" with map_blocks {region.map_blocks} (blocks "
+                                                         f"{region.map_block}..{region.last_map_block})"
+                                                         if region.map_blocks > 1 else "")
+            raise PatchError(f"CustomVideoXApply: the region's {blocks} reaches block {region.last_map_block}, "
+                             f"but the reference is used up to block {end} of 0..{n_blocks - 1}: the map's last "
+                             f"block must be below {end} (lower map_block or map_blocks)")
+        if bias_rows not in BIAS_ROWS:
+            raise PatchError(f"CustomVideoXApply: bias_rows {bias_rows!r} is not one of {BIAS_ROWS}")
         if not isinstance(reference, EncodedReference):
             raise PatchError("CustomVideoXApply: 'reference' must come from CustomVideoXReferenceEncode")
         latent = reference.latent
@@ -88,5 +98,5 @@ class CustomVideoXApply(io.ComfyNode):
             latent = latent.repeat(1, 1, dm.patch_size_t, 1, 1)
         entry = ReferenceEntry(latent=latent, strength=strength, schedule=schedule, region=region,
                                block_start=block_start, block_end=block_end, apply_to_uncond=apply_to_uncond,
-                               mode=attention_mode, ref_rope=reference_rope)
+                               mode=attention_mode, ref_rope=reference_rope, bias_rows=bias_rows)
         return io.NodeOutput(apply_reference(model, entry))

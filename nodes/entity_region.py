@@ -6,6 +6,9 @@ import torch
 from comfy_api.latest import io
 
 from ..cvx_core.entity_region import (
+    ERAE_START,
+    MAP_BLOCK,
+    MAP_NORMS,
     REFINE_MODES,
     REGION_MODES,
     EntityRegion,
@@ -45,9 +48,10 @@ class CustomVideoXEntityRegion(io.ComfyNode):
                                tooltip="auto: from the attention to the subject word(s); mask: from the MASK input."),
                 io.Float.Input("lam", display_name="lambda", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="Extra bias where the map is 1 (added to TAB's bias on reference keys)."),
-                io.Int.Input("map_block", default=2, min=0, max=99,
-                             tooltip="auto: the block whose attention gives the map; later blocks use it. Must be "
-                                     "below the model's block count (42 for 5B, 30 for 2B)."),
+                io.Int.Input("map_block", default=MAP_BLOCK, min=0, max=99,
+                             tooltip="auto: the (first) block whose attention gives the map; later blocks use "
+                                     "it. Its last map block must be below the Apply node's last block (41 for "
+                                     "5B, 29 for 2B)."),
                 io.Combo.Input("refine", options=list(REFINE_MODES), default="soft",
                                tooltip="soft: the map as is (the paper: no hard spatial constraint); top_k: "
                                        "1 on the top fraction of each frame, else 0."),
@@ -63,6 +67,18 @@ class CustomVideoXEntityRegion(io.ComfyNode):
                 io.Mask.Input("mask", optional=True, tooltip="mask: where the subject should be (any size with the "
                                                             "video's aspect ratio; 1 frame, or one per video "
                                                             "frame)."),
+                io.Float.Input("start_percent", default=ERAE_START, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Sampling progress (0 = first step, 1 = last) from which the region bias "
+                                       "applies. The first steps' latent is nearly pure noise, so an auto map "
+                                       "read from it would be noise; 0 = from the first step."),
+                io.Int.Input("map_blocks", default=1, min=1, max=16, optional=True, advanced=True,
+                             tooltip="auto: average the map over this many consecutive blocks from map_block "
+                                     "(steadier map; the blocks after the last one use it)."),
+                io.Combo.Input("normalize", options=list(MAP_NORMS), default="relative", optional=True,
+                               advanced=True,
+                               tooltip="auto: relative = excess over the frame's mean attention (a flat frame "
+                                       "gives no region; twice the mean or more gives the full lambda); minmax "
+                                       "= stretch each frame to 0..1 (also a nearly flat one)."),
             ],
             outputs=[
                 CVXRegion.Output(display_name="region"),
@@ -73,8 +89,9 @@ class CustomVideoXEntityRegion(io.ComfyNode):
 
     @classmethod
     def execute(cls, mode, lam, map_block, refine, top_k, smooth, prompt="", subject_words="", clip=None,
-                mask=None) -> io.NodeOutput:
-        common = dict(lam=lam, map_block=map_block, refine=refine, top_k=top_k, smooth=smooth)
+                mask=None, start_percent=ERAE_START, map_blocks=1, normalize="relative") -> io.NodeOutput:
+        common = dict(lam=lam, map_block=map_block, refine=refine, top_k=top_k, smooth=smooth,
+                      start_percent=start_percent, map_blocks=map_blocks, norm=normalize)
         if mode == "mask":
             if mask is None:
                 raise ValueError("CustomVideoXEntityRegion mask: mode is 'mask' but no MASK is connected: connect "

@@ -9,9 +9,13 @@
   :func:`cvx_core.reference_attention.reference_attention` with the call's layout;
 * an object patch of ``diffusion_model._get_rotary_emb`` (:class:`RotaryPatch`) so the
   video keeps temporal positions 0..T-1 and references get theirs (cvx_core.rope);
-* an OUTER_SAMPLE wrapper that owns the per-run cache (one-way reference K/V) and drops
-  it when the run ends, interrupted or not; a PREPARE_SAMPLING wrapper that counts the
+* an OUTER_SAMPLE wrapper that owns the per-run cache (one-way reference K/V, the positive
+  prompt, the latest ERAE auto maps) and drops it when the run ends, interrupted or not; a PREPARE_SAMPLING wrapper that counts the
   reference frames in the host's memory estimate.
+
+ERAE auto maps are the positive prompt's in every call: a call without cond rows (the host
+runs uncond alone when memory is short) reuses the maps its step's cond call cached, or runs
+the positive prompt up to the last map block (a "probe", ended by :class:`_MapsReady`).
 
 Several ``apply_reference`` calls stack: entries accumulate in
 ``transformer_options[ENTRIES_KEY]`` and the machinery above is installed once.
@@ -32,7 +36,13 @@ import comfy.patcher_extension as pe
 import torch
 
 from ..cvx_core import rope
-from ..cvx_core.entity_region import EntityRegion, entity_map_from_attention, mask_to_token_map, refine_map
+from ..cvx_core.entity_region import (
+    EntityRegion,
+    entity_attention,
+    mask_to_token_map,
+    normalize_entity_map,
+    refine_map,
+)
 from ..cvx_core.reference_attention import column_bias, reference_attention, reference_attention_lse
 from ..cvx_core.tab_schedule import TABSchedule, progress_from_sigmas, reference_bias, strength_to_bias
 from ..cvx_core.token_layout import TokenLayout
@@ -48,6 +58,10 @@ ROTARY_ATTR = "diffusion_model._get_rotary_emb"
 # (read by nodes/reference_block.py, which applies reference-branch LoRAs to those rows).
 REFERENCE_STREAM_KEY = "customvideox_reference_stream"
 MODES = ("two_way", "one_way")
+# Which query rows a reference's strength/TAB bias reaches on its key columns (-inf, "off", reaches all).
+BIAS_ROWS = ("all", "video")
+# Set in the transformer_options of a call that only computes the positive prompt's ERAE maps.
+PROBE_KEY = "customvideox_map_probe"
 
 # Reference token frames in front of the video during the current model call (set by the
 # wrapper, read by RotaryPatch: the host's rotary builder takes no transformer_options).
@@ -71,6 +85,7 @@ class ReferenceEntry:
     apply_to_uncond: bool = True
     mode: str = "two_way"
     ref_rope: str = "negative"
+    bias_rows: str = "all"
 
     @property
     def count(self) -> int:
@@ -118,6 +133,14 @@ def install_rotary(model, spatial: str):
     return m
 
 
+class _MapsReady(Exception):  # noqa: N818 (control flow, not an error)
+    """Ends a map probe once the positive prompt's ERAE maps are computed (no block after is needed)."""
+
+    def __init__(self, maps: dict[int, torch.Tensor]):
+        super().__init__()
+        self.maps = maps
+
+
 @dataclass
 class ForwardState:
     """Everything one model call needs, built once by the wrapper and read by every block."""
@@ -128,6 +151,16 @@ class ForwardState:
     ref_owner: list[int]  # entry index of each reference
     num_blocks: int
     cond_row: int = 0
+    # ERAE auto maps: the rows whose attention gives them (a cond chunk; its maps are tiled over the
+    # call's chunks), whether each entry's ERAE is on at this progress, maps given by the wrapper.
+    map_rows: slice = field(default_factory=lambda: slice(None))
+    erae_on: tuple[bool, ...] = ()
+    maps_given: bool = False
+    probe: bool = False
+    run: RunCache | None = None
+    map_key: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, timestep) of map_rows, to cache the maps
+    map_acc: dict[int, torch.Tensor] = field(default_factory=dict)  # entry -> summed raw attention
+    map_done: dict[int, torch.Tensor] = field(default_factory=dict)  # entry -> normalised map of map_rows
     # CVX_ATTENTION=lse: unmasked fused calls merged by log-sum-exp instead of the host's attention
     # with a column mask (keeps GPU flash kernels; bypasses the host's attention choice). Not the
     # default until measured on a GPU (bench/gpu_check.py).
@@ -135,15 +168,29 @@ class ForwardState:
     ref_kv: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # one-way: per entry, per block
     region_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # entry -> [B, Sv]
     masks: dict[tuple[bool, ...], torch.Tensor | None] = field(default_factory=dict)
-    region_bias: dict[tuple[bool, ...], torch.Tensor] = field(default_factory=dict)  # [B, n_refs, Sv]
+    region_bias: dict[tuple, torch.Tensor] = field(default_factory=dict)  # [B, n_refs, Sv]
     block: int = 0
 
     def block_bias(self, active: tuple[bool, ...]) -> torch.Tensor:
+        """``[B, n_refs]`` biases for every query row (the column mask): bias_rows=video references
+        keep only their -inf (off) here; their finite bias goes to the video rows (:meth:`video_bias`)."""
         bias = self.row_bias.clone()
         for j, owner in enumerate(self.ref_owner):
             if not active[owner]:
                 bias[:, j] = -math.inf
+            elif self.entries[owner].bias_rows == "video":
+                bias[:, j] = bias[:, j].masked_fill(~torch.isneginf(bias[:, j]), 0.0)
         return bias
+
+    def video_bias(self, active: tuple[bool, ...]) -> torch.Tensor | None:
+        """``[B, n_refs]`` finite biases of active bias_rows=video references, for video query rows only."""
+        cols = [j for j, owner in enumerate(self.ref_owner)
+                if active[owner] and self.entries[owner].bias_rows == "video"]
+        if not cols:
+            return None
+        bias = torch.zeros_like(self.row_bias)
+        bias[:, cols] = self.row_bias[:, cols].masked_fill(torch.isneginf(self.row_bias[:, cols]), 0.0)
+        return bias if bool((bias != 0).any()) else None
 
 
 def _row_bias(entries: list[ReferenceEntry], progress: float, cond_or_uncond: list[int], batch: int,
@@ -268,8 +315,10 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
     if bool(off.all()):
         # Every reference is off for every row: the exact base model, no extra tokens.
         return executor(x, timestep, context, ofs, transformer_options, **kwargs)
-    if bool(off.any()) and not kwargs and transformer_options.get("cond_or_uncond"):
-        return _split_rows(executor, off, x, timestep, context, ofs, transformer_options)
+    # The host passes control=None; other per-call arguments cannot be split by row.
+    by_rows = all(v is None for v in kwargs.values())
+    if bool(off.any()) and transformer_options.get("cond_or_uncond") and by_rows:
+        return _split_rows(executor, off, x, timestep, context, ofs, transformer_options, **kwargs)
 
     p_t = dm.patch_size_t or 1
     _, _, t, h, w = x.shape
@@ -279,11 +328,38 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
     one_way = entries[0].mode == "one_way"
     layout = TokenLayout(text=context.shape[1], refs=refs, grid=grid, refs_in_queries=not one_way)
     cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
-    cond_row = cond_or_uncond.index(0) * (x.shape[0] // len(cond_or_uncond)) if 0 in cond_or_uncond else 0
+    per = x.shape[0] // len(cond_or_uncond)
+    cond_row = cond_or_uncond.index(0) * per if 0 in cond_or_uncond else 0
+    erae_on = tuple(e.region is not None and progress >= e.region.start_percent for e in entries)
     state = ForwardState(entries=entries, layout=layout, row_bias=row_bias, ref_owner=owner,
-                         num_blocks=len(dm.blocks), cond_row=cond_row)
+                         num_blocks=len(dm.blocks), cond_row=cond_row, map_rows=slice(cond_row, cond_row + per),
+                         erae_on=erae_on, probe=bool(transformer_options.get(PROBE_KEY)))
 
-    state.region_maps.update(_mask_maps(entries, grid, t, x.shape[0], x.device))
+    # Every mask is checked on the first call (a clear error before sampling goes far); a region is
+    # used only from its start_percent on.
+    masks = _mask_maps(entries, grid, t, x.shape[0], x.device)
+    state.region_maps.update({e_i: m for e_i, m in masks.items() if erae_on[e_i]})
+    # ERAE auto reads the positive prompt in every call: from the call's cond rows, else (the host ran the
+    # uncond rows alone) the maps this step's cond call cached, else a probe forward of the positive prompt.
+    # Outside a sampler (no run cache) a call without cond rows reads its own first rows.
+    cache: RunCache | None = transformer_options.get(RUN_KEY)
+    text = cache.positive(context) if cache is not None else None
+    auto = [e_i for e_i, e in enumerate(entries) if erae_on[e_i] and e.region.mode == "auto"]
+    if auto and text is not None and by_rows:
+        state.run = cache
+        if 0 in cond_or_uncond:
+            rows = state.map_rows
+            if torch.equal(context[rows], text.expand(per, -1, -1)):
+                state.map_key = (x[rows], timestep[rows])
+        else:
+            cols = {e_i: owner.index(e_i) for e_i in auto}
+            need = [e_i for e_i in auto if bool(torch.isfinite(row_bias[:, cols[e_i]]).any())]
+            maps = _positive_maps(executor, x, timestep, text, ofs, transformer_options, kwargs, cache, need) \
+                if need else {}
+            state.region_maps.update(
+                {e_i: refine_map(m, grid, entries[e_i].region.refine, entries[e_i].region.top_k,
+                                 entries[e_i].region.smooth) for e_i, m in maps.items()})
+            state.maps_given = True
 
     opts = dict(transformer_options)
     opts[STATE_KEY] = state
@@ -302,7 +378,20 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
     return out[:, :, ref_frames:]
 
 
-def _split_rows(executor, off: torch.Tensor, x, timestep, context, ofs, transformer_options):
+def _select_rows(transformer_options: dict, chunks: list[int], idx: torch.Tensor, batch: int) -> dict:
+    """``transformer_options`` for the rows ``idx`` (the chunks ``chunks`` of ``cond_or_uncond``)."""
+    n = len(transformer_options["cond_or_uncond"])
+    opts = {}
+    for key, value in transformer_options.items():
+        if isinstance(value, list) and len(value) == n:
+            value = [value[i] for i in chunks]
+        elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+            value = value[idx]
+        opts[key] = value
+    return opts
+
+
+def _split_rows(executor, off: torch.Tensor, x, timestep, context, ofs, transformer_options, **kwargs):
     """Rows whose references are all off (e.g. uncond with apply_to_uncond off) run without the
     reference tokens: exact, and cheaper than masking them inside the batch (bench/README.md)."""
     chunks = transformer_options["cond_or_uncond"]
@@ -311,16 +400,38 @@ def _split_rows(executor, off: torch.Tensor, x, timestep, context, ofs, transfor
     for rows_off in (True, False):
         keep = [i for i in range(len(chunks)) if bool(off[i * per]) == rows_off]
         idx = torch.tensor([i * per + j for i in keep for j in range(per)], device=x.device)
-        opts = {}
-        for key, value in transformer_options.items():
-            if isinstance(value, list) and len(value) == len(chunks):
-                value = [value[i] for i in keep]
-            elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == x.shape[0]:
-                value = value[idx]
-            opts[key] = value
+        opts = _select_rows(transformer_options, keep, idx, x.shape[0])
         args = (x[idx], timestep[idx], context[idx], None if ofs is None else ofs[idx], opts)
-        out[idx] = executor(*args) if rows_off else diffusion_wrapper(executor, *args)
+        out[idx] = executor(*args, **kwargs) if rows_off else diffusion_wrapper(executor, *args, **kwargs)
     return out
+
+
+def _positive_maps(executor, x, timestep, text, ofs, transformer_options, kwargs, cache: RunCache,
+                   need: list[int]) -> dict[int, torch.Tensor]:
+    """The positive prompt's raw-normalised ERAE maps ``[B, Sv]`` for a call without cond rows: per chunk,
+    the maps cached for the same (x, timestep), else a probe forward of the positive prompt on that x and
+    timestep, stopped once the maps exist. The same noisy input and text give the same maps as the cond
+    rows of a batched call (x, not sigma alone, is compared: Heun evaluates one sigma at two x)."""
+    chunks = transformer_options["cond_or_uncond"]
+    per = x.shape[0] // len(chunks)
+    parts: dict[int, list[torch.Tensor]] = {e_i: [] for e_i in need}
+    for c in range(len(chunks)):
+        rows = slice(c * per, (c + 1) * per)
+        maps = cache.maps_for(x[rows], timestep[rows])
+        if maps is None or any(e_i not in maps for e_i in need):
+            idx = torch.arange(c * per, (c + 1) * per, device=x.device)
+            opts = _select_rows(transformer_options, [c], idx, x.shape[0])
+            opts.update(cond_or_uncond=[0], **{PROBE_KEY: True})
+            try:
+                diffusion_wrapper(executor, x[rows], timestep[rows], text.expand(per, -1, -1),
+                                  None if ofs is None else ofs[rows], opts, **kwargs)
+            except _MapsReady as done:
+                maps = done.maps
+            else:
+                raise RuntimeError("CustomVideoX: the ERAE map probe ran past its map blocks")
+        for e_i in need:
+            parts[e_i].append(maps[e_i])
+    return {e_i: torch.cat(p) for e_i, p in parts.items()}
 
 
 def _one_way_kv(dm, entries, context, transformer_options, ofs, x, cond_row: int):
@@ -329,10 +440,8 @@ def _one_way_kv(dm, entries, context, transformer_options, ofs, x, cond_row: int
     rotary = dm._get_rotary_emb if hasattr(dm._get_rotary_emb, "table") else RotaryPatch(dm, "host")
     # The reference pass reads the positive prompt, whichever rows this call holds (the host may run
     # cond and uncond in one batch or apart); outside a sampler, the call's cond row.
-    if cache is not None and cache.text is not None and cache.text.shape[1:] == context.shape[1:]:
-        cache.text = cache.text.to(context.device, context.dtype)
-        text = cache.text[:1]
-    else:
+    text = cache.positive(context) if cache is not None else None
+    if text is None:
         text = context[cond_row:cond_row + 1]
     out = []
     for e in entries:
@@ -407,29 +516,53 @@ class AttentionOverride:
 
     @staticmethod
     def _region(state: ForwardState, block: int, active, q, k) -> torch.Tensor | None:
+        """The per-video-query biases ``[B, n_refs, Sv]`` of this block (ERAE λ·map, and the strength/TAB
+        bias of bias_rows=video references), or None; computes the auto maps at their blocks."""
         layout = state.layout
         for e_i, e in enumerate(state.entries):
             r = e.region
-            if r is None or r.mode != "auto" or block != r.map_block:
+            if r is None or r.mode != "auto" or not state.erae_on[e_i] or state.maps_given \
+                    or not r.map_block <= block <= r.last_map_block:
                 continue
             vs = layout.video_query_start
-            m = entity_map_from_attention(q, k, (0, layout.text), (vs, vs + layout.video), r.entity_idx,
-                                          layout.grid)
-            # Only a cond row's prompt holds the entity: its map serves every row.
-            m = m[state.cond_row:state.cond_row + 1].expand(q.shape[0], -1)
-            state.region_maps[e_i] = refine_map(m, layout.grid, r.refine, r.top_k, r.smooth)
-            state.region_bias.clear()
+            rows = state.map_rows
+            a = entity_attention(q[rows], k[rows], (0, layout.text), (vs, vs + layout.video), r.entity_idx,
+                                 layout.grid)
+            state.map_acc[e_i] = a if block == r.map_block else state.map_acc[e_i] + a
+            if block == r.last_map_block:
+                _map_ready(state, e_i, normalize_entity_map(state.map_acc.pop(e_i) / r.map_blocks, layout.grid,
+                                                            r.norm), q.shape[0])
         uses = tuple(state.region_maps.get(e_i) is not None and active[e_i]
-                     and not (e.region.mode == "auto" and block <= e.region.map_block)
+                     and not (e.region.mode == "auto" and block <= e.region.last_map_block)
                      for e_i, e in enumerate(state.entries))
-        if not any(uses):
+        video = state.video_bias(active)
+        if not any(uses) and video is None:
             return None
-        if uses not in state.region_bias:  # built once per call and block set, not once per block
+        key = (uses, active)
+        if key not in state.region_bias:  # built once per call and block set, not once per block
             zeros = torch.zeros(q.shape[0], layout.video, device=q.device)
-            state.region_bias[uses] = torch.stack(
-                [state.region_maps[e_i] * e.region.lam if use else zeros
-                 for e_i, (e, use) in enumerate(zip(state.entries, uses)) for _ in range(e.count)], dim=1)
-        return state.region_bias[uses]
+            bias = torch.stack([state.region_maps[e_i] * e.region.lam if use else zeros
+                                for e_i, (e, use) in enumerate(zip(state.entries, uses)) for _ in range(e.count)],
+                               dim=1)
+            state.region_bias[key] = bias if video is None else bias + video[:, :, None].to(bias)
+        return state.region_bias[key]
+
+
+def _map_ready(state: ForwardState, e_i: int, m: torch.Tensor, batch: int) -> None:
+    """An auto map of ``state.map_rows`` is complete: serve it to every chunk; once all auto maps of the
+    call exist, cache them for this (x, timestep) and end a probe."""
+    r = state.entries[e_i].region
+    state.region_maps[e_i] = refine_map(m.repeat(batch // m.shape[0], 1), state.layout.grid, r.refine, r.top_k,
+                                        r.smooth)
+    state.region_bias.clear()
+    state.map_done[e_i] = m
+    if any(state.erae_on[i] and e.region.mode == "auto" and i not in state.map_done
+           for i, e in enumerate(state.entries)):
+        return
+    if state.run is not None and state.map_key is not None:
+        state.run.store_maps(*state.map_key, state.map_done)
+    if state.probe:
+        raise _MapsReady(state.map_done)
 
 
 def _takes_mask(fn) -> bool:
@@ -441,12 +574,34 @@ def _takes_mask(fn) -> bool:
 
 
 class RunCache:
-    """Per sampling run: one-way reference K/V by entry, and the positive prompt the reference
-    pass reads. Not a dict, so the host's per-call copies of transformer_options share it."""
+    """Per sampling run: one-way reference K/V by entry, the positive prompt (the reference pass and
+    ERAE auto maps read it) and the latest positive ERAE maps with their (x, timestep). Not a dict, so
+    the host's per-call copies of transformer_options share it."""
 
     def __init__(self, text: torch.Tensor | None = None) -> None:
         self.kv: dict = {}
         self.text = text
+        self.maps: tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]] | None = None
+
+    def positive(self, context: torch.Tensor) -> torch.Tensor | None:
+        """The positive prompt ``[1, L, D]`` on ``context``'s device and dtype, or None if it has no
+        prompt of ``context``'s shape."""
+        if self.text is None or self.text.shape[1:] != context.shape[1:]:
+            return None
+        self.text = self.text.to(context.device, context.dtype)
+        return self.text[:1]
+
+    def store_maps(self, x: torch.Tensor, timestep: torch.Tensor, maps: dict[int, torch.Tensor]) -> None:
+        # One record: a step's cond and uncond calls come one after the other.
+        self.maps = (x.clone(), timestep.clone(), maps)
+
+    def maps_for(self, x: torch.Tensor, timestep: torch.Tensor) -> dict[int, torch.Tensor] | None:
+        if self.maps is None:
+            return None
+        mx, mt, maps = self.maps
+        same = mx.shape == x.shape and mt.shape == timestep.shape and torch.equal(mt, timestep) \
+            and torch.equal(mx, x)
+        return maps if same else None
 
 
 def _positive_text(guider) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ import math
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
+from functools import partial
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -57,15 +58,16 @@ def inputs() -> SimpleNamespace:
         noise=torch.randn(1, 16, 3, 8, 10, generator=g))
 
 
-def patch(pk, model, ref: torch.Tensor, mode: str = "one_way", strength: float = 1.5, region: str | None = "mask",
+def patch(pk, model, ref: torch.Tensor, mode: str = "one_way", strength: float = 1.5, region: Any = "mask",
           apply_to_uncond: bool = True, schedule: bool = True, **kw: Any):
-    """CustomVideoXApply (the node's own execute) with TAB and, by default, a mask-mode ERAE region."""
-    reg = None
+    """CustomVideoXApply (the node's own execute) with TAB and, by default, a mask-mode ERAE region (or the
+    EntityRegion given)."""
+    reg = region if isinstance(region, pk.er.EntityRegion) else None
     if region == "mask":
         H, W = ref.shape[-2] * 8, ref.shape[-1] * 8  # the video's size: a mask of another aspect is refused
         m = torch.zeros(1, H, W)
         m[:, H // 4:3 * H // 4, W // 4:3 * W // 4] = 1.0
-        reg = pk.er.EntityRegion(mode="mask", mask=m, lam=1.0)
+        reg = pk.er.EntityRegion(mode="mask", mask=m, lam=1.0, start_percent=0.0)
     elif region == "auto":
         reg = pk.er.EntityRegion(mode="auto", entity_idx=(3, 4), lam=1.0, map_block=1)
     enc = pk.types.EncodedReference(latent=ref, width=ref.shape[-1] * 8, height=ref.shape[-2] * 8)
@@ -76,11 +78,11 @@ def patch(pk, model, ref: torch.Tensor, mode: str = "one_way", strength: float =
     return pk.apply.CustomVideoXApply.execute(model=model, **args).result[0]
 
 
-def sample(model, inputs, steps: int = STEPS, callback: Callable | None = None) -> torch.Tensor:
+def sample(model, inputs, steps: int = STEPS, callback: Callable | None = None, sampler: str = "euler") -> torch.Tensor:
     import comfy.sample
 
     latent = torch.zeros_like(inputs.noise)
-    return comfy.sample.sample(model, inputs.noise, steps, 2.0, "euler", "simple", [[inputs.pos, {}]],
+    return comfy.sample.sample(model, inputs.noise, steps, 2.0, sampler, "simple", [[inputs.pos, {}]],
                                [[inputs.neg, {}]], latent, callback=callback, disable_pbar=True, seed=0)
 
 
@@ -108,17 +110,25 @@ def uncached(pk, patched):
     return m
 
 
-def separate_cond_uncond(model):
-    """A clone whose sampler runs cond and uncond as separate model calls (as the host does when memory is
-    short or the conds cannot be batched)."""
+def calc_separately(args: dict, uncond_first: bool = False) -> list[torch.Tensor]:
+    """A ``sampler_calc_cond_batch_function`` body: cond and uncond as separate model calls (as the host does
+    when memory is short or the conds cannot be batched), cond first or uncond first. The other conds are
+    passed as None, so each call keeps its rows' cond/uncond label (``cond_or_uncond``), as in the host."""
     import comfy.samplers
 
-    def calc(args):
-        return [comfy.samplers.calc_cond_batch(args["model"], [c], args["input"], args["sigma"],
-                                               args["model_options"])[0] for c in args["conds"]]
+    conds = args["conds"]
+    out = {}
+    for i in list(range(len(conds)))[::-1 if uncond_first else 1]:
+        only = [c if j == i else None for j, c in enumerate(conds)]
+        out[i] = comfy.samplers.calc_cond_batch(args["model"], only, args["input"], args["sigma"],
+                                                args["model_options"])[i]
+    return [out[i] for i in range(len(conds))]
 
+
+def separate_cond_uncond(model, uncond_first: bool = False):
+    """A clone whose sampler runs cond and uncond as separate model calls (:func:`calc_separately`)."""
     m = model.clone()
-    m.model_options["sampler_calc_cond_batch_function"] = calc
+    m.model_options["sampler_calc_cond_batch_function"] = partial(calc_separately, uncond_first=uncond_first)
     return m
 
 

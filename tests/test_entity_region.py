@@ -207,7 +207,7 @@ def test_entity_map_matches_a_dense_reference_and_flat_frames_are_zero():
     grid = (2, 3, 4)
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 3, 5 + 24, 8, generator=g), torch.randn(2, 3, 5 + 24, 8, generator=g)
-    emap = entity_map_from_attention(q, k, (0, 5), (5, 29), [1, 2], grid, scale=0.5)
+    emap = entity_map_from_attention(q, k, (0, 5), (5, 29), [1, 2], grid, scale=0.5, norm="minmax")
     probs = torch.softmax(q[:, :, 5:] @ k[:, :, :5].transpose(-1, -2) * 0.5, dim=-1)
     raw = probs[..., [1, 2]].sum(-1).mean(1).reshape(2, 2, 12)
     ref = (raw - raw.amin(-1, keepdim=True)) / (raw.amax(-1, keepdim=True) - raw.amin(-1, keepdim=True))

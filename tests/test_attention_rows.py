@@ -1,0 +1,193 @@
+"""Which query rows a reference bias reaches, and the fused log-sum-exp path with a padded log-sum-exp.
+
+* ``CVX_ATTENTION=lse``: torch's CUDA memory-efficient kernel pads its log-sum-exp to a multiple of 32
+  along the query axis. The merge must read only the first Sq entries; checked on CPU with a padded
+  log-sum-exp built by hand, against masked attention written out densely.
+* ``bias_rows``: ``all`` (default) puts a reference's strength/TAB bias on every query row's logits on its
+  key columns; ``video`` on the video query rows only, while "off" (-inf) still masks it from every query.
+  Checked through the patch's attention override against a dense additive-bias softmax written out here.
+* "Reference off" with the reference tokens in the sequence (blocks outside the reference's block range)
+  is the unpatched model with ``reference_rope`` negative *and* none; shift moves the video and differs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import test_cache_and_counts as cc
+import torch
+
+from cvx_core import reference_attention as ra
+from cvx_core.token_layout import TokenLayout
+
+pk, model, inputs = cc.pk, cc.model, cc.inputs  # the shared module fixtures: the tiny 4-block model, inputs
+
+B, H, D, TEXT, R, GRID = 2, 2, 16, 5, 6, (3, 2, 3)  # Sq = 5 + 2*6 + 18 = 35: not a multiple of 32
+
+
+def dense_attention(q, k, v, bias):
+    """softmax(q k^T / sqrt(d) + bias) v with the whole [B, 1 or H, Sq, Sk] bias."""
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias, dim=-1) @ v
+
+
+def dense_bias(layout: TokenLayout, all_rows: torch.Tensor, video_rows: torch.Tensor) -> torch.Tensor:
+    """[B, 1, Sq, Sk]: ``all_rows[b, j]`` on every query's logits on reference j's keys, plus
+    ``video_rows[b, j, i]`` on video query i's."""
+    bias = torch.zeros(all_rows.shape[0], 1, layout.queries, layout.keys)
+    vs = layout.video_query_start
+    for j in range(len(layout.refs)):
+        a, b = layout.ref_key_span(j)
+        bias[:, 0, :, a:b] = all_rows[:, j, None, None]
+        bias[:, 0, vs:vs + layout.video, a:b] += video_rows[:, j, :, None]
+    return bias
+
+
+def padded_lse(monkeypatch):
+    """attention_with_lse as the CUDA memory-efficient kernel returns it: the log-sum-exp padded to a multiple
+    of 32 queries, with junk (large values) in the padding."""
+    real = ra.attention_with_lse
+
+    def padded(q, k, v):
+        out, lse = real(q, k, v)
+        pad = -lse.shape[-1] % 32 or 32
+        return out, torch.cat([lse, torch.full((*lse.shape[:-1], pad), 1e4)], dim=-1)
+
+    monkeypatch.setattr(ra, "attention_with_lse", padded)
+
+
+def test_merge_by_lse_reads_only_the_query_rows_of_a_padded_lse():
+    g = torch.Generator().manual_seed(0)
+    sq = 37
+    q = torch.randn(B, H, sq, D, generator=g)
+    groups = [(torch.randn(B, H, n, D, generator=g), torch.randn(B, H, n, D, generator=g)) for n in (9, 4, 5)]
+    shifts = [None, torch.tensor([0.7, -math.inf]).view(B, 1, 1).expand(B, 1, sq),
+              torch.rand(B, 1, sq, generator=g) * 2]
+    parts = []
+    for (k, v), shift in zip(groups, shifts):
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D)
+        out = torch.softmax(scores, -1) @ v
+        lse = torch.logsumexp(scores, -1)
+        junk = torch.full((B, H, 64 - sq), 1e4)  # padded to 64 queries, as the CUDA kernel does
+        parts.append((out, torch.cat([lse, junk], -1), shift))
+    got = ra.merge_by_lse(parts)
+    k = torch.cat([g_[0] for g_ in groups], 2)
+    v = torch.cat([g_[1] for g_ in groups], 2)
+    bias = torch.cat([torch.zeros(B, 1, sq, 9), shifts[1][..., None].expand(B, 1, sq, 4),
+                      shifts[2][..., None].expand(B, 1, sq, 5)], -1)
+    want = dense_attention(q, k, v, bias)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("one_way", [False, True])
+def test_lse_path_with_a_padded_lse_equals_dense_masked_attention(monkeypatch, one_way):
+    padded_lse(monkeypatch)
+    g = torch.Generator().manual_seed(1)
+    layout = TokenLayout(text=TEXT, refs=(R, R), grid=GRID, refs_in_queries=not one_way)
+    q = torch.randn(B, H, layout.queries, D, generator=g)
+    k, v = (torch.randn(B, H, layout.keys, D, generator=g) for _ in range(2))
+    kv = None
+    if one_way:  # the cached reference keys/values, inserted after the text
+        kv = [(k[:1, :, a:b], v[:1, :, a:b]) for a, b in (layout.ref_key_span(j) for j in range(2))]
+        k = k.expand(B, -1, -1, -1).clone()
+        v = v.expand(B, -1, -1, -1).clone()
+        k[1:, :, TEXT:TEXT + 2 * R], v[1:, :, TEXT:TEXT + 2 * R] = k[:1, :, TEXT:TEXT + 2 * R], v[:1, :, TEXT:TEXT + 2 * R]
+    ref_bias = torch.tensor([[0.5, -math.inf], [1.0, 0.0]])
+    region = torch.rand(B, 2, layout.video, generator=g)
+    keep = [*range(TEXT), *range(TEXT + 2 * R, layout.keys)]
+    got = ra.reference_attention_lse(q, k[:, :, keep] if one_way else k, v[:, :, keep] if one_way else v, layout,
+                                     ref_bias, region, ref_kv=kv)
+    want = dense_attention(q, k, v, dense_bias(layout, ref_bias, region))
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+# ------------------------------------------------------------------ bias_rows, through the patch's override
+
+
+def host_attention(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **_):
+    """The host's attention call as the override sees it (inputs already [B, H, S, D])."""
+    assert skip_reshape and skip_output_reshape
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("lse", [False, True], ids=["masked", "lse"])
+@pytest.mark.parametrize("bias_rows", ["all", "video"])
+def test_bias_rows_through_the_attention_override_equals_dense_bias(pk, bias_rows, lse):
+    rp = pk.rp
+    latent = torch.zeros(1, 16, 1, 2, 3)
+    # Reference 0: strength 2 and a mask-mode ERAE map (lambda 1.5); reference 1: strength 0.5, off for uncond.
+    entries = [rp.ReferenceEntry(latent=latent, strength=2.0, bias_rows=bias_rows),
+               rp.ReferenceEntry(latent=latent, strength=0.5, bias_rows=bias_rows, apply_to_uncond=False)]
+    layout = TokenLayout(text=TEXT, refs=(R, R), grid=GRID)
+    row_bias, owner = rp._row_bias(entries, 0.0, [0, 1], B, torch.device("cpu"))
+    assert torch.allclose(row_bias, torch.tensor([[math.log(2.0), math.log(0.5)], [math.log(2.0), -math.inf]]))
+    g = torch.Generator().manual_seed(2)
+    region_map = torch.rand(B, layout.video, generator=g)
+    lam = 1.5
+    object.__setattr__(entries[0], "region", pk.er.EntityRegion(mode="mask", mask=torch.ones(1, 4, 4), lam=lam))
+    state = rp.ForwardState(entries=entries, layout=layout, row_bias=row_bias, ref_owner=owner, num_blocks=1,
+                            erae_on=(True, False), lse=lse)
+    state.region_maps[0] = region_map
+    q, k, v = (torch.randn(B, H, layout.keys, D, generator=g) for _ in range(3))
+    got = rp.AttentionOverride()(host_attention, q, k, v, H, skip_reshape=True, skip_output_reshape=True,
+                                 transformer_options={rp.STATE_KEY: state})
+    # By hand: -inf reaches every row; a finite bias every row (all) or the video rows (video); lambda*map the
+    # video rows on reference 0.
+    finite = row_bias.masked_fill(torch.isneginf(row_bias), 0.0)
+    region_rows = torch.stack([region_map * lam, torch.zeros_like(region_map)], 1)
+
+    def by_hand(rows: str) -> torch.Tensor:
+        if rows == "all":
+            return dense_attention(q, k, v, dense_bias(layout, row_bias, region_rows))
+        return dense_attention(q, k, v, dense_bias(layout, row_bias - finite, region_rows + finite[:, :, None]))
+
+    want = by_hand(bias_rows)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    # The two settings differ (the text and reference rows do not get the bias under "video").
+    assert (by_hand("video" if bias_rows == "all" else "all") - want).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ reference off with its tokens present
+
+
+@pytest.mark.host
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("ref_rope", ["negative", "none", "shift"])
+def test_reference_masked_in_every_block_is_the_unpatched_model_for_negative_and_none(pk, model, ref_rope):
+    import comfy.model_management as mm
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 3, 8, 10, generator=g)
+    ctx = torch.randn(2, 226, 32, generator=g)
+    t = torch.tensor([600.0, 600.0])
+    base = pk.rp.install_rotary(model, "exact")
+    # A block range past the model's 4 blocks: the reference tokens are in the sequence, masked in every block.
+    entry = pk.rp.ReferenceEntry(latent=torch.randn(1, 16, 1, 8, 10, generator=g), strength=2.0, block_start=9,
+                                 block_end=9, ref_rope=ref_rope)
+    patched = pk.rp.apply_reference(base, entry)
+    outs = []
+    for m in (base, patched):
+        mm.load_models_gpu([m])
+        opts = dict(m.model_options["transformer_options"], wrappers=m.wrappers, cond_or_uncond=[0, 1])
+        with torch.no_grad():
+            outs.append(m.model.diffusion_model(x, t, ctx, transformer_options=opts))
+    diff = float((outs[1] - outs[0]).abs().max())
+    print(f"reference_rope={ref_rope}: max |reference masked in every block - unpatched| = {diff:.2e}")
+    if ref_rope == "shift":
+        assert diff > 1e-4, diff  # the video moved to temporal positions 1..T
+    else:
+        assert diff <= 1e-5, diff
+
+
+@pytest.mark.host
+@pytest.mark.usefixtures("one_thread")
+def test_rows_with_every_reference_off_run_without_reference_tokens_in_a_real_sampler(pk, model, inputs,
+                                                                                     monkeypatch):
+    """apply_to_uncond off: the host's sampler passes ``control=None`` to the model; the uncond rows still run
+    on their own, without the reference tokens (the exact base model), rather than masked inside the batch."""
+    splits: list[int] = []
+    real = pk.rp._split_rows
+    monkeypatch.setattr(pk.rp, "_split_rows", lambda *a, **k: splits.append(1) or real(*a, **k))
+    cc.sample(cc.patch(pk, model, inputs.ref, mode="two_way", apply_to_uncond=False), inputs)
+    assert len(splits) == cc.STEPS
