@@ -48,6 +48,16 @@ class Download:
     def folder(self) -> str:
         return f"models/{FOLDERS[self.kind]}"
 
+    @property
+    def repo(self) -> str:
+        """``owner/name`` of the Hugging Face repository."""
+        return "/".join(self.url.split("huggingface.co/", 1)[1].split("/")[:2])
+
+    @property
+    def file(self) -> str:
+        """The file (or folder) inside the repository."""
+        return self.url.split("/main/", 1)[1] + ("/" if "/tree/" in self.url else "")
+
 
 # URLs of the VAE and T5 are those the host's own CogVideoX template (comfyui_workflow_templates,
 # utility_void_video_inpainting) downloads. Sizes: each transformer is 5.57 B parameters in bf16 (counted on
