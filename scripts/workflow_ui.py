@@ -219,8 +219,12 @@ def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-def _size(n_sockets: int, n_widgets: int, multiline: bool) -> list[int]:
-    return [340, 46 + 24 * (n_sockets + n_widgets) + (80 if multiline else 0)]
+# The frontend draws an image-upload node's preview below its widgets (LoadImage: 326 px tall at least).
+IMAGE_PREVIEW_HEIGHT = 220
+
+
+def _size(n_sockets: int, n_widgets: int, multiline: bool, preview: bool = False) -> list[int]:
+    return [340, 46 + 24 * (n_sockets + n_widgets) + (80 if multiline else 0) + (IMAGE_PREVIEW_HEIGHT if preview else 0)]
 
 
 # --------------------------------------------------------------------------------------------- convert
@@ -266,8 +270,9 @@ def api_to_ui(api: dict[str, Any], object_info: dict[str, Any], name: str = "") 
                 entry["link"] = _add_link(links, out_links, api, object_info, values[in_name], nid, len(inputs))
             inputs.append(entry)
         multiline = any(spec_options(s).get("multiline") for _, s, _ in input_specs(info))
+        preview = any(spec_options(s).get("image_upload") for _, s, _ in input_specs(info))
         size = _size(sum(1 for i in inputs if "widget" not in i) + len(info.get("output", [])), len(slots),
-                     multiline)
+                     multiline, preview)
         col = cols[nid]
         pos = [40 + col * 400, 40 + col_y[col]]
         col_y[col] += size[1] + 60
