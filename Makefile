@@ -8,7 +8,7 @@ setup:
 
 # The main job: the example CustomVideoX workflow through the real host -> an mp4 path.
 run: setup
-	$(PY) scripts/run_example.py
+	$(PY) scripts/run_example.py $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -470,6 +471,16 @@ class HostBackend:
         out = entry.outputs[0]
         return (out[0] if isinstance(out, list) else out).detach().cpu()
 
+    def saved_files(self) -> list[Path]:
+        """The files the last run's output nodes saved (SaveVideo's mp4), as absolute paths."""
+        import folder_paths
+
+        outputs = (getattr(self._executor, "history_result", None) or {}).get("outputs", {})
+        bases = {"output": Path(folder_paths.get_output_directory()), "temp": Path(folder_paths.get_temp_directory())}
+        return [bases[i["type"]] / i.get("subfolder", "") / i["filename"] for ui in outputs.values()
+                for items in (ui or {}).values() if isinstance(items, list)
+                for i in items if isinstance(i, dict) and i.get("filename") and i.get("type") in bases]
+
     def load_clip_vision(self, name: str) -> Any:
         import comfy.clip_vision
         import folder_paths
@@ -605,6 +616,10 @@ def run_suite(suite: Suite, out_dir: Path, backend: Backend | None, opts: RunOpt
         record["status"] = "done"
         record["seconds"] = round(time.monotonic() - t0, 2)
         record["frames"] = list(frames.shape)
+        videos = [p for p in getattr(backend, "saved_files", list)() if p.suffix == ".mp4" and p.is_file()]
+        if videos:  # a copy beside the case's record, so the report's link survives a cleaned output folder
+            shutil.copyfile(videos[-1], case_dir / f"{case.id}.mp4")
+            record["video"] = f"cases/{case.id}.mp4"
         record["metrics"] = {k: r.as_dict() for k, r in results.items()}
         strip = frame_strip(ref, M.as_frames(frames), case.id)
         buf = _png_bytes(strip)
@@ -654,7 +669,7 @@ def _fmt(m: dict[str, Any], key: str) -> str:
 def _table(title: str, agg: dict[str, dict[str, Any]], order: Sequence[str], first_col: str) -> list[str]:
     keys = [k for k in TABLE_METRICS if any(agg[g][k]["value"] is not None for g in agg)]
     missing = [k for k in TABLE_METRICS if k not in keys]
-    head = [first_col, "n"] + [_short(k) for k in keys]
+    head = [first_col, "n"] + [column_header(k, _labels(agg, k)) for k in keys]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in [o for o in order if o in agg]:
         lines.append("| " + " | ".join([g, str(agg[g]["n"])] + [_fmt(agg[g][k], k) for k in keys]) + " |")
@@ -667,8 +682,19 @@ def _table(title: str, agg: dict[str, dict[str, Any]], order: Sequence[str], fir
     return lines
 
 
+def _labels(agg: dict[str, dict[str, Any]], key: str) -> list[str]:
+    return sorted({agg[g][key]["label"] for g in agg if agg[g][key]["value"] is not None})
+
+
+def column_header(key: str, labels: Sequence[str]) -> str:
+    """A table column / plot title: the short name plus what computed it (e.g. "EfficientNet-Lite0 proxy",
+    "Farneback"), so a proxy score never passes for the paper's metric."""
+    inner = sorted({m.group(1) for lab in labels if (m := re.search(r"\(([^()]*)\)\s*$", lab))})
+    return _short(key) + (f" ({'; '.join(inner)})" if inner else "")
+
+
 def _short(key: str) -> str:
-    return {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino_i": "DINO-I", "subject_similarity": "Subject sim (proxy)",
+    return {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino_i": "DINO-I", "subject_similarity": "Subject sim.",
             "temporal_consistency": "Temporal cons.", "dynamic_degree": "Dynamic deg.",
             "warp_error": "Warp err. ↓"}[key]
 
@@ -709,6 +735,9 @@ def write_reports(suite: Suite, out_dir: Path, ids: Sequence[str], stats: dict[s
                                                if kv[0] in TABLE_METRICS else 99)]
     md += ["", "Dynamic degree follows VBench's rule on OpenCV optical flow (not RAFT); \"proxy\" scores come "
            "from an ImageNet classifier's features, not CLIP or DINO, and are not comparable with the paper.", ""]
+    md += ["### Cases", ""] + [
+        f"- {r['id']}: " + ", ".join([f"[video]({r['video']})"] * bool(r.get("video"))
+                                     + [f"[frames](cases/{r['id']}_frames.png)"]) for r in done] + [""]
     if report["failed"]:
         md += ["### Failed cases", ""] + [f"- {f['id']}: {f['error']}" for f in report["failed"]] + [""]
     _atomic_write(out_dir / "report.md", "\n".join(md).encode())
@@ -718,7 +747,8 @@ def write_reports(suite: Suite, out_dir: Path, ids: Sequence[str], stats: dict[s
     for key in TABLE_METRICS:
         vals = [by_setting[s][key]["value"] for s in settings]
         if any(v is not None for v in vals):
-            img = bar_plot(f"{_short(key)} vs setting", settings, vals, by_setting[settings[0]][key]["label"],
+            img = bar_plot(f"{column_header(key, _labels(by_setting, key))} vs setting", settings, vals,
+                           by_setting[settings[0]][key]["label"],
                            percent=key != "warp_error")
             img.save(plots / f"{key}.png")
     for old in plots.glob("contact_sheet_*.png"):
@@ -732,8 +762,16 @@ def write_reports(suite: Suite, out_dir: Path, ids: Sequence[str], stats: dict[s
 
 # --------------------------------------------------------------------------------------- images (PIL)
 def _font(size: int = 12) -> Any:
+    """DejaVu Sans (shipped with matplotlib, an eval requirement): Pillow's bundled default font has no
+    arrows and near-zero-width spaces at small sizes."""
     from PIL import ImageFont
 
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        pass
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
@@ -824,11 +862,60 @@ def _png_bytes(img: Any) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def _scripts() -> None:
+    if str(REPO_ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+
+LEGACY_FOLDERS = {"diffusion_models": "unet", "text_encoders": "clip", "vae": "vae"}
+
+
+def missing_models(suite: Suite, models: Models, yamls: Sequence[Path], comfyui_dir: Path) -> list[str]:
+    """One line per model file the suite's workflow (or --model/--vae/--t5) names that is in none of the
+    host's model folders (its own models/, this repo's and the extra_model_paths yaml files'), with where to
+    get it."""
+    _scripts()
+    import model_files as mf
+
+    api = json.loads((REPO_ROOT / suite.workflow if not Path(suite.workflow).is_absolute()
+                      else Path(suite.workflow)).read_text(encoding="utf-8"))
+    wanted = {mf.TRANSFORMER: models.unet, mf.VAE: models.vae, mf.T5: models.t5}
+    loaders = {"CustomVideoXModelLoader": ("model_name", mf.TRANSFORMER), "UNETLoader": ("unet_name", mf.TRANSFORMER),
+               "VAELoader": ("vae_name", mf.VAE), "CLIPLoader": ("clip_name", mf.T5)}
+    out = []
+    for node in api.values():
+        if node["class_type"] not in loaders:
+            continue
+        key, kind = loaders[node["class_type"]]
+        name = wanted[kind] or node["inputs"][key]
+        folder = mf.FOLDERS[kind]
+        roots = [r for y in [*yamls, None] for r in mf.model_roots(folder, REPO_ROOT / "models", y)]
+        roots += [comfyui_dir / "models" / folder, comfyui_dir / "models" / LEGACY_FOLDERS[folder]]
+        if not any((Path(r) / name.rstrip("/")).exists() for r in roots):
+            flag = {mf.TRANSFORMER: "--model", mf.VAE: "--vae", mf.T5: "--t5"}[kind]
+            out.append(f"{mf.WHAT[kind]} {name!r} is in none of {', '.join(map(str, dict.fromkeys(roots)))} "
+                       f"(pick yours with {flag} NAME)\n{mf.where_to_get(kind)}")
+    return out
+
+
+def register_tiny_models() -> None:
+    """The tiny random test model and VAE (built once into .host/tiny_models, where `make run` keeps them,
+    outside the folders the web UI lists) added to the booted host's model folders."""
+    _scripts()
+    import folder_paths
+    import tiny_models
+
+    tiny_dir = REPO_ROOT / ".host" / "tiny_models"
+    tiny_models.build_tiny_model_set(tiny_dir, include={"native_1_0", "vae"})
+    for kind in ("diffusion_models", "vae"):
+        folder_paths.add_model_folder_path(kind, str(tiny_dir / kind))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cvx_core.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("suite", type=Path, help="suite JSON (e.g. eval/starter_suite.json)")
-    ap.add_argument("--out", type=Path, required=True, help="output folder (rerun with the same one to resume)")
+    ap.add_argument("--out", type=Path, help="output folder (rerun with the same one to resume); not needed for --list")
     ap.add_argument("--tiny", action="store_true", help="the tiny random test model (plumbing check only)")
     ap.add_argument("--model", help="CogVideoX transformer file (diffusion_models), default: the workflow's")
     ap.add_argument("--vae", help="CogVideoX VAE file (vae), default: the workflow's")
@@ -861,8 +948,20 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         print("error: no case matches the filters", file=sys.stderr)
         return 2
+    if a.out is None:
+        ap.error("--out is required to run the suite (only --list works without it)")
     yamls = a.extra_model_paths or [p for p in [REPO_ROOT / "extra_model_paths.yaml"] if p.is_file()]
+    if not a.tiny:
+        missing = missing_models(suite, Models(unet=a.model, vae=a.vae, t5=a.t5), yamls,
+                                 a.comfyui or default_comfyui_dir())
+        if missing:
+            print("error: the suite needs model files that are not there (nothing was run):\n" + "\n".join(missing)
+                  + f"\nTo check the plumbing without weights: python -m cvx_core.evaluate {a.suite} --tiny "
+                  f"--out {a.out}", file=sys.stderr)
+            return 2
     backend = HostBackend(a.comfyui, yamls, tiny=a.tiny, host_args=a.host_arg).start()
+    if a.tiny:
+        register_tiny_models()
     opts = RunOptions(models=Models(unet=a.model, vae=a.vae, t5=a.t5), tiny=a.tiny, progress=not a.no_progress)
     if a.clip_vision:
         opts.clip_vision = backend.load_clip_vision(a.clip_vision)

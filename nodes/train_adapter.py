@@ -79,11 +79,12 @@ def host_encoders(model, vae, clip) -> tuple[EncodeVideo, EncodeText]:
 def train_on_host(model, encode_video: EncodeVideo, encode_text: EncodeText, dataset_folder: str | Path,
                   out_dir: str | Path, settings: TrainSettings, prep: PrepSettings, subject: str = "",
                   base_model: str = "", adapter_name: str = "customvideox_adapter", encoder_id: str = "",
-                  resume: bool = True, progress=None) -> TrainResult:
-    """Prepare (or reuse) the cached dataset and train an adapter on ``model``; see train_adapter."""
+                  resume: bool = True, progress=None, prep_progress=None) -> TrainResult:
+    """Prepare (or reuse) the cached dataset and train an adapter on ``model``; see train_adapter.
+    ``prep_progress(done, total, clip)`` follows the dataset preparation."""
     out_dir = Path(out_dir)
     data = prepare_dataset(dataset_folder, out_dir / "cache", encode_video, encode_text, prep, subject=subject,
-                           encoder_id=encoder_id)
+                           encoder_id=encoder_id, progress=prep_progress)
     shapes = block_target_shapes(module_shapes(model), tuple(settings.targets))
     lora = init_adapter(shapes, settings.rank, settings.alpha, seed=settings.seed)
     model_fn, device, dtype, acp = training_model_fn(model, lora)

@@ -13,7 +13,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,12 @@ VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 
 
 class HostRunError(RuntimeError):
-    """A prompt failed validation or execution; the message carries the host's own error."""
+    """A prompt failed validation or execution; the message carries the host's own error, ``response`` the
+    parsed body (``/prompt``'s 400 answer, or the history entry's ``status``) for :func:`describe_error`."""
+
+    def __init__(self, message: str, response: Any = None) -> None:
+        super().__init__(message)
+        self.response = response
 
 
 def free_port() -> int:
@@ -122,7 +128,11 @@ class HostServer:
                 return json.loads(r.read().decode("utf-8"))["prompt_id"]
         except urllib.error.HTTPError as e:
             detail = e.read().decode("utf-8", "replace")
-            raise HostRunError(f"POST /prompt rejected ({e.code}): {detail}") from e
+            try:
+                body = json.loads(detail)
+            except ValueError:
+                body = None
+            raise HostRunError(f"POST /prompt rejected ({e.code}): {detail}", body) from e
 
     def wait_history(self, prompt_id: str, timeout: float = 300.0) -> dict[str, Any]:
         """Poll ``/history/<id>`` until the prompt finished; raise HostRunError if it failed."""
@@ -133,12 +143,81 @@ class HostServer:
                 entry = hist[prompt_id]
                 status = entry.get("status", {})
                 if status.get("status_str") == "error" or not status.get("completed", True):
-                    raise HostRunError(f"prompt {prompt_id} failed: {json.dumps(status, indent=1)}")
+                    raise HostRunError(f"prompt {prompt_id} failed: {json.dumps(status, indent=1)}", status)
                 return entry
             if self.proc is not None and self.proc.poll() is not None:
                 raise HostRunError(f"server died while running {prompt_id}:\n{self.log_tail()}")
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} not finished after {timeout:.0f} s")
+
+
+def watch_prompt(server: HostServer, prompt: dict[str, Any], on_message: Callable[[dict[str, Any]], None],
+                 timeout: float) -> dict[str, Any]:
+    """POST ``prompt`` while listening on the websocket as the web UI does; every JSON message for it goes
+    to ``on_message`` (``progress``, ``executing``, ...). Returns the history entry; raises HostRunError
+    when the host rejects or fails it, TimeoutError after ``timeout`` seconds."""
+    import websocket  # websocket-client, installed by setup
+
+    client_id = uuid.uuid4().hex
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}", timeout=5)
+    deadline = time.monotonic() + timeout
+    try:
+        prompt_id = server.post_prompt(prompt, client_id=client_id)
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the workflow did not finish in {timeout:.0f} s")
+            try:
+                raw = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                if server.proc is not None and server.proc.poll() is not None:
+                    raise HostRunError(f"ComfyUI exited while running the workflow:\n{server.log_tail()}") from None
+                continue
+            if not isinstance(raw, str):
+                continue  # binary preview frames
+            msg = json.loads(raw)
+            data = msg.get("data") or {}
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            on_message(msg)
+            if msg.get("type") in ("execution_error", "execution_interrupted") or (
+                    msg.get("type") == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id):
+                break
+    finally:
+        ws.close()
+    return server.wait_history(prompt_id, timeout=60)
+
+
+def describe_error(response: Any, prompt: dict[str, Any] | None = None) -> str:
+    """The host's error answer (``/prompt``'s 400 body, or a failed history entry's ``status``) as lines a
+    person reads: which node, which input, what the host said; never the raw JSON."""
+    prompt = prompt or {}
+
+    def node_label(node_id: Any, class_type: Any = None) -> str:
+        node = prompt.get(str(node_id), {})
+        title = (node.get("_meta") or {}).get("title")
+        kind = class_type or node.get("class_type") or "?"
+        return f"node {node_id} ({kind}{', ' + title if title and title != kind else ''})"
+
+    if not isinstance(response, dict):
+        return str(response)
+    lines: list[str] = []
+    if "node_errors" in response or "error" in response:  # POST /prompt rejected the workflow
+        err = response.get("error") or {}
+        if isinstance(err, dict) and err.get("message"):
+            lines.append(err["message"] + (f": {err['details']}" if err.get("details") else ""))
+        for node_id, ne in (response.get("node_errors") or {}).items():
+            for e in ne.get("errors", []):
+                details = str(e.get("details") or "")
+                details = details if len(details) <= 300 else details[:300] + " ..."
+                lines.append(f"{node_label(node_id, ne.get('class_type'))}: {e.get('message', '?')}"
+                             + (f" ({details})" if details else ""))
+    for kind, data in response.get("messages", []):  # a history entry's status
+        if kind == "execution_error":
+            lines.append(f"{node_label(data.get('node_id'), data.get('node_type'))} failed: "
+                         f"{data.get('exception_type', 'error')}: {data.get('exception_message', '').strip()}")
+        elif kind == "execution_interrupted":
+            lines.append(f"interrupted at {node_label(data.get('node_id'), data.get('node_type'))}")
+    return "\n".join(lines) or "the host gave no details"
 
 
 def files_from_ui(ui_outputs: dict[str, Any], output_dir: Path, temp_dir: Path | None = None) -> list[Path]:

@@ -4,9 +4,14 @@
 of truth. This script writes, for each of them, the UI format the web UI loads and saves (litegraph
 ``version 0.4``: nodes with id/type/pos/size/inputs/outputs/widgets_values, a links array) to
 
-- ``example_workflows/<name>.json``: the host lists this folder of a custom node under Browse Templates
-  (``GET /api/workflow_templates``) and serves the files from ``/api/workflow_templates/<pack>/``;
+- ``example_workflows/<title>.json``: the host lists this folder of a custom node as templates
+  (``GET /api/workflow_templates``, file names only) and serves the files from
+  ``/api/workflow_templates/<pack>/``; the web UI shows them under Templates -> Extensions, titled by the
+  file name (its only title), with ``<title>.jpg`` beside it as the thumbnail;
 - ``workflows/ui/<name>.json``: the same file beside the API copy, for drag-and-drop from the repo.
+
+Loader nodes carry ``properties.models`` (name, url, directory), which the web UI's missing-models dialog
+reads to offer the download, as the host's own templates do.
 
 Widget values follow the schema's input order (``input_order``: required, then optional), as the web UI
 builds its widgets; INT widgets with ``control_after_generate`` (seed, noise_seed) get the extra control
@@ -33,6 +38,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import model_files as mf  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 API_DIR = REPO_ROOT / "workflows" / "api"
 UI_DIRS = (REPO_ROOT / "example_workflows", REPO_ROOT / "workflows" / "ui")
@@ -43,25 +51,39 @@ DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 # Frontend-only node types (no entry in /object_info) that may appear in a UI workflow.
 UI_ONLY_TYPES = {"Note", "MarkdownNote"}
 
+# The templates' file names: the web UI (comfyui-frontend-package 1.47) shows a custom node's template by its
+# file name and nothing else, so the name is the title. "VOID" (the core sampler's name) stays out of it.
+TEMPLATE_TITLES = {
+    "subject_to_video_void": "CustomVideoX subject to video",
+    "subject_to_video_ksampler": "CustomVideoX subject to video (KSampler)",
+    "tab_vs_fixed": "CustomVideoX TAB vs fixed bias",
+    "two_references": "CustomVideoX two subjects",
+    "erae_mask": "CustomVideoX subject placed by a mask (ERAE)",
+}
+# Loader inputs that name a model file, and the kind of file (model_files) they take.
+LOADER_FILES = {
+    "CustomVideoXModelLoader": ("model_name", mf.TRANSFORMER), "UNETLoader": ("unet_name", mf.TRANSFORMER),
+    "VAELoader": ("vae_name", mf.VAE), "CLIPLoader": ("clip_name", mf.T5),
+}
+
 # One note per workflow: what it shows and which files it needs.
 MODELS_NOTE = (
-    "**Models** (any CogVideoX 1.0/1.5 text-to-video transformer; 5B recommended):\n\n"
-    "- `models/diffusion_models/`: the CogVideoX transformer as one .safetensors file (ComfyUI or "
-    "diffusers key names) or a diffusers `transformer` folder (with its shards and index json); pick it "
-    "in **CogVideoX transformer**.\n"
-    "- `models/text_encoders/`: T5-XXL (e.g. `t5xxl_fp16.safetensors`), loaded with type `cogvideox`.\n"
-    "- `models/vae/`: the CogVideoX VAE (e.g. `cogvideox_vae.safetensors`).\n\n"
-    "Load your subject's photo in **Reference image** (a plain background or a subject mask works best). "
-    "Video size: multiples of 16 (720x480 native); frames 4n+1 (49 native). The mp4 goes to "
-    "`output/video/`."
+    "**Models** (any CogVideoX 1.0/1.5 text-to-video transformer; pick yours in each loader):\n\n"
+    + "\n".join(f"- `{d.folder}/`: {mf.WHAT[d.kind]} for {d.model}: [{d.repo}: {d.file}]({d.url}) "
+                f"({d.size})" for d in mf.DOWNLOADS)
+    + "\n\nThe transformer is a diffusers folder (put the whole `transformer` folder there) or one "
+    ".safetensors file. Load your subject's photo in **Reference image** (a plain background or a subject "
+    "mask works best). Video size: multiples of 16 (720x480 native); frames 4n+1 (49 native). The mp4 goes "
+    "to `output/video/`."
 )
 DESCRIPTIONS = {
     "subject_to_video_void": (
-        "## CustomVideoX: subject to video (VOID DDIM sampler)\n\n"
+        "## CustomVideoX: subject to video\n\n"
         "One reference image of a subject + a prompt -> a video of that subject. The reference joins the "
         "model's 3D attention (**Apply reference**); the **TAB schedule** raises its weight in the middle "
-        "of sampling (parabolic). Sampled with the core alpha-space DDIM sampler (`VOIDSampler`) through "
-        "`SamplerCustomAdvanced`, the route CogVideoX (v-prediction, zero terminal SNR) needs."
+        "of sampling (parabolic). Sampled with the core alpha-space DDIM sampler through "
+        "`SamplerCustomAdvanced`, the route CogVideoX (v-prediction, zero terminal SNR) needs; the core node "
+        "is called `VOIDSampler` after the VOID model it came with, and works for any CogVideoX."
     ),
     "subject_to_video_ksampler": (
         "## CustomVideoX: subject to video (KSampler)\n\n"
@@ -197,8 +219,12 @@ def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-def _size(n_sockets: int, n_widgets: int, multiline: bool) -> list[int]:
-    return [340, 46 + 24 * (n_sockets + n_widgets) + (80 if multiline else 0)]
+# The frontend draws an image-upload node's preview below its widgets (LoadImage: 326 px tall at least).
+IMAGE_PREVIEW_HEIGHT = 220
+
+
+def _size(n_sockets: int, n_widgets: int, multiline: bool, preview: bool = False) -> list[int]:
+    return [340, 46 + 24 * (n_sockets + n_widgets) + (80 if multiline else 0) + (IMAGE_PREVIEW_HEIGHT if preview else 0)]
 
 
 # --------------------------------------------------------------------------------------------- convert
@@ -244,8 +270,9 @@ def api_to_ui(api: dict[str, Any], object_info: dict[str, Any], name: str = "") 
                 entry["link"] = _add_link(links, out_links, api, object_info, values[in_name], nid, len(inputs))
             inputs.append(entry)
         multiline = any(spec_options(s).get("multiline") for _, s, _ in input_specs(info))
+        preview = any(spec_options(s).get("image_upload") for _, s, _ in input_specs(info))
         size = _size(sum(1 for i in inputs if "widget" not in i) + len(info.get("output", [])), len(slots),
-                     multiline)
+                     multiline, preview)
         col = cols[nid]
         pos = [40 + col * 400, 40 + col_y[col]]
         col_y[col] += size[1] + 60
@@ -262,6 +289,9 @@ def api_to_ui(api: dict[str, Any], object_info: dict[str, Any], name: str = "") 
             "properties": {"Node name for S&R": node["class_type"]},
             "widgets_values": [v for _, v in slots],
         }
+        models = models_property(node["class_type"], values)
+        if models:
+            ui_node["properties"]["models"] = models
         title = (node.get("_meta") or {}).get("title")
         if title:
             ui_node["title"] = title
@@ -299,6 +329,24 @@ def api_to_ui(api: dict[str, Any], object_info: dict[str, Any], name: str = "") 
     }
 
 
+def models_property(class_type: str, values: dict[str, Any]) -> list[dict[str, str]] | None:
+    """``properties.models`` of a loader node: the file its widget names, where to download it, the folder.
+    A name that is not a published file (the transformer is a diffusers folder) gets its repository page."""
+    if class_type not in LOADER_FILES:
+        return None
+    key, kind = LOADER_FILES[class_type]
+    name = values.get(key)
+    if not isinstance(name, str):
+        return None
+    d = next((d for d in mf.downloads(kind) if d.name == name), mf.downloads(kind)[0])
+    return [{"name": name, "url": d.url, "directory": mf.FOLDERS[kind]}]
+
+
+def file_name(folder: Path, name: str) -> str:
+    """The file name of workflow ``name`` in ``folder`` (the templates folder uses the titles)."""
+    return f"{TEMPLATE_TITLES[name]}.json" if folder == UI_DIRS[0] else f"{name}.json"
+
+
 def _add_link(links: list[list[Any]], out_links: dict[tuple[str, int], list[int]], api: dict[str, Any],
               object_info: dict[str, Any], value: list[Any], target: str, target_slot: int) -> int:
     src, src_slot = value
@@ -334,11 +382,11 @@ def load_object_info(source: str | None) -> dict[str, Any]:
 
 
 def render(object_info: dict[str, Any]) -> dict[str, str]:
-    """``{file name: text}`` of every UI workflow, from ``workflows/api``."""
+    """``{workflow name: text}`` of every UI workflow, from ``workflows/api``."""
     out: dict[str, str] = {}
     for path in sorted(API_DIR.glob("*.json")):
         api = json.loads(path.read_text(encoding="utf-8"))
-        out[path.name] = json.dumps(api_to_ui(api, object_info, path.stem), indent=2, ensure_ascii=False) + "\n"
+        out[path.stem] = json.dumps(api_to_ui(api, object_info, path.stem), indent=2, ensure_ascii=False) + "\n"
     return out
 
 
@@ -351,14 +399,14 @@ def main(argv: list[str] | None = None) -> int:
     stale = []
     for folder in UI_DIRS:
         folder.mkdir(parents=True, exist_ok=True)
-        for fname, text in rendered.items():
-            path = folder / fname
+        for name, text in rendered.items():
+            path = folder / file_name(folder, name)
             current = path.read_text(encoding="utf-8") if path.exists() else None
             if current != text:
                 stale.append(path)
                 if not args.check:
                     path.write_text(text, encoding="utf-8")
-        extra = sorted(p for p in folder.glob("*.json") if p.name not in rendered)
+        extra = sorted(p for p in folder.glob("*.json") if p.name not in {file_name(folder, n) for n in rendered})
         for path in extra:
             stale.append(path)
             if not args.check:

@@ -18,6 +18,7 @@ import copy
 import json
 import shutil
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,8 @@ def test_workflow_files_complete_and_core_only() -> None:
     names = set(wt.WORKFLOW_NAMES)
     for folder in (wt.API_DIR, wt.UI_DIR, wt.EXAMPLES_DIR):
         found = {p.stem for p in folder.glob("*.json")} - set(wt.API_ONLY_NAMES)
-        assert found == names, f"{folder.relative_to(REPO_ROOT)}: {sorted(found)} != {sorted(names)}"
+        want = {wt.example_path(n).stem for n in names} if folder == wt.EXAMPLES_DIR else names
+        assert found == want, f"{folder.relative_to(REPO_ROOT)}: {sorted(found)} != {sorted(want)}"
     # The host also serves a pack's `workflows/` folder as templates: loose JSON there would be listed twice.
     assert not list((REPO_ROOT / "workflows").glob("*.json"))
     for name in wt.WORKFLOW_NAMES:
@@ -177,7 +179,7 @@ def test_ui_workflow_matches_object_info(name: str, object_info: dict[str, Any])
     for nid in api:
         assert queued[nid]["inputs"] == api[nid]["inputs"], f"node {nid} ({api[nid]['class_type']})"
     # The templates copy is the same file, and both are what the converter makes from the API file today.
-    assert (wt.EXAMPLES_DIR / f"{name}.json").read_bytes() == (wt.UI_DIR / f"{name}.json").read_bytes()
+    assert wt.example_path(name).read_bytes() == (wt.UI_DIR / f"{name}.json").read_bytes()
     fresh = workflow_ui.api_to_ui(wt.load_api(name), object_info, name)
     assert json.dumps(fresh, indent=2, ensure_ascii=False) + "\n" == (wt.UI_DIR / f"{name}.json").read_text(
         encoding="utf-8"
@@ -266,7 +268,8 @@ def test_templates_route_lists_examples(server: ServerProcess) -> None:
     listing = server.get_json("/api/workflow_templates")
     pack = PACK_LINK.name
     assert pack in listing, f"{pack} not in /api/workflow_templates: {sorted(listing)}"
-    assert sorted(listing[pack]) == sorted(wt.WORKFLOW_NAMES), listing[pack]  # each once, no duplicates
+    titles = [wt.example_path(n).stem for n in wt.WORKFLOW_NAMES]
+    assert sorted(listing[pack]) == sorted(titles), listing[pack]  # each once, no duplicates
     for name in wt.WORKFLOW_NAMES:
-        served = server.get_json(f"/api/workflow_templates/{pack}/{name}.json")
+        served = server.get_json(f"/api/workflow_templates/{pack}/{urllib.parse.quote(wt.example_path(name).name)}")
         assert served == wt.load_ui(name, wt.EXAMPLES_DIR)

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 # scripts/, on sys.path via the conftest: one schema reader for the converter and the checks
-from workflow_ui import default_value, has_control_widget, input_specs, is_widget, spec_options, spec_type
+from workflow_ui import (
+    TEMPLATE_TITLES,
+    default_value,
+    has_control_widget,
+    input_specs,
+    is_widget,
+    spec_options,
+    spec_type,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 API_DIR = REPO_ROOT / "workflows" / "api"
@@ -54,8 +62,14 @@ def load_api(name: str) -> dict[str, Any]:
     return json.loads((API_DIR / f"{name}.json").read_text(encoding="utf-8"))
 
 
+def example_path(name: str) -> Path:
+    """The templates copy of workflow ``name``: the web UI titles a template by its file name."""
+    return EXAMPLES_DIR / f"{TEMPLATE_TITLES[name]}.json"
+
+
 def load_ui(name: str, folder: Path = UI_DIR) -> dict[str, Any]:
-    return json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+    path = example_path(name) if folder == EXAMPLES_DIR else folder / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def is_link(value: Any) -> bool:
