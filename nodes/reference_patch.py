@@ -103,13 +103,16 @@ class ReferenceEntry:
 class RotaryPatch:
     """Replaces the host's ``_get_rotary_emb``: exact or host spatial positions, references first."""
 
-    def __init__(self, dm: torch.nn.Module, spatial: str):
+    def __init__(self, dm: torch.nn.Module, spatial: str, base_hw: tuple[int, int] | None = None):
+        """``base_hw``: the training grid in tokens (a diffusers config's sample size // patch size);
+        default: the host's (its detection never reads a config)."""
         if spatial not in rope.SPATIAL_MODES:
             raise PatchError(f"RoPE mode {spatial!r} is not one of {rope.SPATIAL_MODES}")
         self.spatial = spatial
         self.head_dim = dm.attention_head_dim
         self.temporal_patch = dm.patch_size_t is not None
-        self.base_hw = (dm.patch_embed.sample_height // dm.patch_size, dm.patch_embed.sample_width // dm.patch_size)
+        self.base_hw = base_hw or (dm.patch_embed.sample_height // dm.patch_size,
+                                   dm.patch_embed.sample_width // dm.patch_size)
         self.scale = dm.spatial_interpolation_scale
 
     def table(self, h: int, w: int, ref_frames: int, video_frames: int, ref_rope: str,
@@ -125,10 +128,11 @@ class RotaryPatch:
         return self.table(h, w, ref_frames, t - ref_frames, ref_rope, device)
 
 
-def install_rotary(model, spatial: str):
-    """Return a clone of ``model`` whose rotary positions follow ``spatial`` ("exact"/"host")."""
+def install_rotary(model, spatial: str, base_hw: tuple[int, int] | None = None):
+    """Return a clone of ``model`` whose rotary positions follow ``spatial`` ("exact"/"host"), on the
+    training grid ``base_hw`` (tokens; default: the host's)."""
     m = model.clone()
-    m.add_object_patch(ROTARY_ATTR, RotaryPatch(m.get_model_object("diffusion_model"), spatial))
+    m.add_object_patch(ROTARY_ATTR, RotaryPatch(m.get_model_object("diffusion_model"), spatial, base_hw))
     return m
 
 
