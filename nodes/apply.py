@@ -60,7 +60,7 @@ class CustomVideoXApply(io.ComfyNode):
                                tooltip="Temporal RoPE position of the reference: negative (before frame 0; keeps "
                                        "the video's own positions), shift (frame 0, video shifted), none.",
                                advanced=True),
-                io.Combo.Input("reference_timestep", options=list(REFERENCE_TIMESTEPS), default="sampling",
+                io.Combo.Input("reference_timestep", options=list(REFERENCE_TIMESTEPS), default="sampling", optional=True,
                                tooltip="The timestep the reference tokens are modulated with. sampling: the clean "
                                        "reference at the current sampling timestep (what adapters are trained "
                                        "with); noised: the reference noised to the current noise level with a "

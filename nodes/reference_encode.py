@@ -38,7 +38,7 @@ class CustomVideoXReferenceEncode(io.ComfyNode):
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional subject mask (1 = subject), one or one per image. LoadImage's "
                                       "MASK is 1 on transparent pixels: invert it (InvertMask) first."),
-                io.Combo.Input("subject_crop", options=list(CROPS), default="subject",
+                io.Combo.Input("subject_crop", options=list(CROPS), default="subject", optional=True,
                                tooltip="With a mask (or alpha): subject = crop to the subject's box plus a 10% "
                                        "margin before fitting (as training does, so the subject fills the "
                                        "frame); none = fit the whole image.", advanced=True),

@@ -46,7 +46,7 @@ class CustomVideoXTABSchedule(io.ComfyNode):
                 io.String.Input("keyframes", default="0:0, 0.5:1, 1:0", multiline=False,
                                 tooltip="For curve=keyframes: 'progress:bias' pairs inside the window, e.g. "
                                         "'0:0, 0.5:1, 1:0'. 'off' as a bias switches the reference off."),
-                io.Combo.Input("progress", options=list(PROGRESS_MODES), default="steps",
+                io.Combo.Input("progress", options=list(PROGRESS_MODES), default="steps", optional=True,
                                tooltip="How progress is measured. steps: from the first model call (0) to the "
                                        "last (1) of each sampler run, whatever the step count or scheduler. "
                                        "noise: by noise level over the model's whole range (as core "

@@ -177,6 +177,7 @@ class CustomVideoXTrainAdapter(io.ComfyNode):
                                  tooltip="Continue from the latest checkpoint of this adapter_name, if any."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for init, sampling and noise."),
                 io.Combo.Input("reference_timestep", options=list(TRAIN_REFERENCE_TIMESTEPS), default="sampling",
+                               optional=True,
                                tooltip="The reference's timestep during training (two-way): use the same value "
                                        "on CustomVideoXApply with the trained adapter. sampling: the clean "
                                        "reference at the training timestep; noised: the reference noised to it.",
