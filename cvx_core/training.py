@@ -11,7 +11,9 @@ frames; the reference frames it prepends are sliced off): with ``a = alphas_cump
 Random drops: the caption is replaced by the empty caption's embedding (classifier-free guidance
 needs the unconditional branch), and [reconstructed] the reference by an all-zero latent (an
 uninformative reference; dropping the reference entirely would leave a reference-only LoRA nothing
-to learn from that step).
+to learn from that step). The reference tokens get the timestep ``reference_timestep`` says, as
+CustomVideoXApply's input of that name does at inference (two-way: "sampling" or "noised"); the value
+is saved in the adapter's metadata.
 
 All randomness (clip, timestep, noise, drops) comes from one CPU generator whose state is saved in
 every checkpoint, so a resumed run continues exactly as the uninterrupted one would.
@@ -35,6 +37,8 @@ log = logging.getLogger("customvideox")
 # (x_t [1,C,T,H,W], t [1], text [1,L,D], reference [1,C,F,h,w], gradient checkpointing) -> v [1,C,T,H,W]
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 CHECKPOINT_DIR = "checkpoints"
+# CustomVideoXApply's reference_timestep values a two-way training step can honour.
+TRAIN_REFERENCE_TIMESTEPS = ("sampling", "noised")
 
 
 class TrainingError(ValueError):
@@ -57,6 +61,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     timestep_min: int = 0
     timestep_max: int = 999
+    reference_timestep: str = "sampling"
 
     def check(self) -> None:
         if self.steps < 1 or self.rank < 1 or self.learning_rate <= 0:
@@ -64,6 +69,10 @@ class TrainSettings:
                                 f"{self.learning_rate})")
         if not 0 <= self.timestep_min <= self.timestep_max:
             raise TrainingError(f"timestep range {self.timestep_min}..{self.timestep_max} is empty")
+        if self.reference_timestep not in TRAIN_REFERENCE_TIMESTEPS:
+            raise TrainingError(f"reference_timestep {self.reference_timestep!r}: training runs the reference in "
+                                f"two-way mode, which can honour {TRAIN_REFERENCE_TIMESTEPS} ('clean' needs the "
+                                f"one-way reference pass)")
         for name in ("reference_drop", "text_drop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise TrainingError(f"{name} must be in 0..1, got {getattr(self, name)}")
@@ -216,7 +225,8 @@ def train_adapter(settings: TrainSettings, data: CachedDataset, model_fn: ModelF
         p._cache.clear()
     meta = AdapterMeta(rank=settings.rank, alpha=settings.alpha, targets=tuple(settings.targets),
                        base_model=base_model, steps=settings.steps,
-                       extra={"final_loss": f"{sum(losses[-10:]) / max(1, len(losses[-10:])):.6g}"})
+                       extra={"final_loss": f"{sum(losses[-10:]) / max(1, len(losses[-10:])):.6g}",
+                              "reference_timestep": settings.reference_timestep})
     adapter = save_adapter(out_dir / f"{adapter_name}.safetensors", lora, meta)
     curve = loss_curve_png(losses, out_dir / "loss.png")
     return TrainResult(adapter, curve, losses, settings.steps, start, saved)

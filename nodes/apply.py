@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy.ldm.cogvideo.model import CogVideoXTransformer3DModel
 from comfy_api.latest import io
 
+from ..cvx_core.reference_timestep import REFERENCE_TIMESTEPS
 from ..cvx_core.rope import REF_ROPE_MODES
 from .reference_patch import BIAS_ROWS, MODES, PatchError, ReferenceEntry, apply_reference
 from .types import CATEGORY, CVXReference, CVXRegion, CVXSchedule, EncodedReference
@@ -53,7 +54,8 @@ class CustomVideoXApply(io.ComfyNode):
                 io.Combo.Input("attention_mode", options=list(MODES), default="two_way",
                                tooltip="two_way: reference tokens also attend to the video (the paper's joint "
                                        "3D attention); one_way: the reference attends to itself and the text only, "
-                                       "so its keys/values are computed once per run and reused (faster)."),
+                                       "in its own short pass (once per run with reference_timestep 'clean', "
+                                       "else once per step)."),
                 io.Combo.Input("reference_rope", options=list(REF_ROPE_MODES), default="negative",
                                tooltip="Temporal RoPE position of the reference: negative (before frame 0; keeps "
                                        "the video's own positions), shift (frame 0, video shifted), none.",
@@ -63,13 +65,21 @@ class CustomVideoXApply(io.ComfyNode):
                                        "(text, reference and video queries; default) or video (the video "
                                        "queries only). Reference off (strength 0, TAB off) always masks it "
                                        "from every query."),
+                io.Combo.Input("reference_timestep", options=list(REFERENCE_TIMESTEPS), default="sampling", optional=True,
+                               tooltip="The timestep the reference tokens are modulated with. sampling: the clean "
+                                       "reference at the current sampling timestep (what adapters are trained "
+                                       "with); noised: the reference noised to the current noise level with a "
+                                       "fixed seed, like one more video frame ('reference-only', worth trying "
+                                       "without an adapter); clean: timestep 0, one_way only.",
+                               advanced=True),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
 
     @classmethod
     def execute(cls, model, reference: EncodedReference, strength, block_start, block_end, apply_to_uncond,
-                attention_mode, reference_rope, schedule=None, region=None, bias_rows="all") -> io.NodeOutput:
+                attention_mode, reference_rope, schedule=None, region=None, bias_rows="all",
+                reference_timestep: str = "sampling") -> io.NodeOutput:
         dm = check_cogvideox_t2v(model)
         n_blocks = len(dm.blocks)
         end = n_blocks - 1 if block_end < 0 else block_end
@@ -98,5 +108,6 @@ class CustomVideoXApply(io.ComfyNode):
             latent = latent.repeat(1, 1, dm.patch_size_t, 1, 1)
         entry = ReferenceEntry(latent=latent, strength=strength, schedule=schedule, region=region,
                                block_start=block_start, block_end=block_end, apply_to_uncond=apply_to_uncond,
-                               mode=attention_mode, ref_rope=reference_rope, bias_rows=bias_rows)
+                               mode=attention_mode, ref_rope=reference_rope, bias_rows=bias_rows,
+                               reference_timestep=reference_timestep)
         return io.NodeOutput(apply_reference(model, entry))

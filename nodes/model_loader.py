@@ -2,11 +2,13 @@
 
 The weights go through the host's own ``comfy.sd.load_diffusion_model_state_dict`` (detection, dtype,
 memory management), so the MODEL is exactly what ``UNETLoader`` would give for a native file; the only
-addition is the optional exact-RoPE object patch (design.md §2).
+addition is the optional exact-RoPE object patch (design.md §2), on the training grid a diffusers folder's
+``config.json`` states (the host's detection reads only the weights).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
@@ -73,6 +75,44 @@ def resolve_model_path(model_name: str) -> str:
                           f"folder there and refresh the node list")
 
 
+def folder_config(path: str) -> dict[str, Any] | None:
+    """The ``config.json`` of the diffusers transformer folder ``path`` is (or whose file it is); None for
+    a loose file. Only a folder that holds a diffusers transformer counts, so a stray config.json beside
+    single files under a models root is never read."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config = os.path.join(folder, "config.json")
+    if not (os.path.isfile(config) and is_transformer_folder(folder)):
+        return None
+    try:
+        with open(config, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {config}: {e}; fix or remove the file") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config} is not a JSON object; fix or remove the file")
+    return data
+
+
+def training_grid(config: dict[str, Any] | None, dm: CogVideoXTransformer3DModel, name: str
+                  ) -> tuple[int, int] | None:
+    """The model's training grid in tokens from its config (``sample_height/width // patch_size``), after
+    checking that the config describes the weights the host built; None without a config."""
+    if config is None:
+        return None
+    built = {"patch_size": dm.patch_size, "patch_size_t": dm.patch_size_t,
+             "attention_head_dim": dm.attention_head_dim,
+             "use_rotary_positional_embeddings": dm.use_rotary_positional_embeddings}
+    wrong = {k: (config[k], v) for k, v in built.items() if k in config and config[k] != v}
+    if wrong:
+        found = ", ".join(f"{k}={c!r} (the host built {v!r})" for k, (c, v) in wrong.items())
+        raise CheckpointError(f"{name}: its config.json says {found}; the host's CogVideoX detection cannot build "
+                              f"this model from its weights, so it would run wrongly")
+    try:
+        return int(config.get("sample_height", 60)) // dm.patch_size, int(config.get("sample_width", 90)) // dm.patch_size
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{name}: config.json sample_height/sample_width are not numbers ({e})") from e
+
+
 def load_cogvideox(path: str, model_options: dict[str, Any] | None = None, disable_dynamic: bool = False):
     """The host's ModelPatcher for the CogVideoX transformer at ``path`` (file, index json or folder),
     with the host's own RoPE positions.
@@ -126,8 +166,9 @@ class CustomVideoXModelLoader(io.ComfyNode):
                                        "memory (computed in a higher precision, slightly lower quality)."),
                 io.Combo.Input("rope", options=list(ROPE_MODES), default="exact",
                                tooltip="Spatial RoPE positions. exact: as the original CogVideoX and diffusers "
-                                       "(integer positions at the native 480x720 grid, stretched into the training "
-                                       "grid at other sizes). host: ComfyUI's own positions, which for CogVideoX "
+                                       "(integer positions at the model's training grid, stretched into it at "
+                                       "other sizes; the grid is 480x720, or the sample size a diffusers "
+                                       "folder's config.json states). host: ComfyUI's own positions, which for CogVideoX "
                                        "1.0 are multiplied by 1.875 (spatial_interpolation_scale) and so differ "
                                        "from the model's training; the MODEL then equals UNETLoader's exactly. "
                                        "CogVideoX 1.5 uses integer positions in both modes."),
@@ -145,9 +186,12 @@ class CustomVideoXModelLoader(io.ComfyNode):
         dtype = WEIGHT_DTYPES[weight_dtype]
         model_options = {} if dtype is None else {"dtype": dtype}
         try:
-            model = load_cogvideox(resolve_model_path(model_name), model_options)
+            path = resolve_model_path(model_name)
+            model = load_cogvideox(path, model_options)
+            grid = training_grid(folder_config(path), model.get_model_object("diffusion_model"),
+                                 os.path.basename(path.rstrip("/\\")))
         except CheckpointError as e:
             raise CheckpointError(f"{where}: {e}") from e
         if rope == "exact":
-            model = install_rotary(model, "exact")
+            model = install_rotary(model, "exact", grid)
         return io.NodeOutput(model)

@@ -28,6 +28,7 @@ import inspect
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -44,7 +45,8 @@ from ..cvx_core.entity_region import (
     refine_map,
 )
 from ..cvx_core.reference_attention import column_bias, reference_attention, reference_attention_lse
-from ..cvx_core.tab_schedule import TABSchedule, progress_from_sigmas, reference_bias, strength_to_bias
+from ..cvx_core.reference_timestep import REFERENCE_TIMESTEPS, noised_reference, reference_noise
+from ..cvx_core.tab_schedule import TABSchedule, reference_bias, run_progress, strength_to_bias
 from ..cvx_core.token_layout import TokenLayout
 
 log = logging.getLogger("customvideox")
@@ -86,15 +88,27 @@ class ReferenceEntry:
     mode: str = "two_way"
     ref_rope: str = "negative"
     bias_rows: str = "all"
+    reference_timestep: str = "sampling"
+
+    def __post_init__(self) -> None:
+        if self.reference_timestep not in REFERENCE_TIMESTEPS:
+            raise PatchError(f"CustomVideoXApply: reference_timestep {self.reference_timestep!r} is not one of "
+                             f"{REFERENCE_TIMESTEPS}")
+        if self.reference_timestep == "clean" and self.mode == "two_way":
+            raise PatchError("CustomVideoXApply: reference_timestep 'clean' needs attention_mode 'one_way': in "
+                             "two_way the reference tokens share the video's batch row, and AdaLN gives every "
+                             "token of a row the sampling timestep; choose one_way, or reference_timestep "
+                             "'sampling' or 'noised'")
 
     @property
     def count(self) -> int:
         return self.latent.shape[0]
 
-    def bias(self, progress: float) -> float:
+    def bias(self, progress: Callable[[str], float]) -> float:
+        """The entry's logit bias; ``progress(mode)`` gives this call's τ in a TAB progress mode."""
         if self.schedule is None:
             return strength_to_bias(self.strength)
-        return reference_bias(self.schedule, progress, self.strength)
+        return reference_bias(self.schedule, progress(self.schedule.progress), self.strength)
 
     def in_range(self, block: int, num_blocks: int) -> bool:
         end = num_blocks - 1 if self.block_end < 0 else self.block_end
@@ -104,13 +118,16 @@ class ReferenceEntry:
 class RotaryPatch:
     """Replaces the host's ``_get_rotary_emb``: exact or host spatial positions, references first."""
 
-    def __init__(self, dm: torch.nn.Module, spatial: str):
+    def __init__(self, dm: torch.nn.Module, spatial: str, base_hw: tuple[int, int] | None = None):
+        """``base_hw``: the training grid in tokens (a diffusers config's sample size // patch size);
+        default: the host's (its detection never reads a config)."""
         if spatial not in rope.SPATIAL_MODES:
             raise PatchError(f"RoPE mode {spatial!r} is not one of {rope.SPATIAL_MODES}")
         self.spatial = spatial
         self.head_dim = dm.attention_head_dim
         self.temporal_patch = dm.patch_size_t is not None
-        self.base_hw = (dm.patch_embed.sample_height // dm.patch_size, dm.patch_embed.sample_width // dm.patch_size)
+        self.base_hw = base_hw or (dm.patch_embed.sample_height // dm.patch_size,
+                                   dm.patch_embed.sample_width // dm.patch_size)
         self.scale = dm.spatial_interpolation_scale
 
     def table(self, h: int, w: int, ref_frames: int, video_frames: int, ref_rope: str,
@@ -126,10 +143,11 @@ class RotaryPatch:
         return self.table(h, w, ref_frames, t - ref_frames, ref_rope, device)
 
 
-def install_rotary(model, spatial: str):
-    """Return a clone of ``model`` whose rotary positions follow ``spatial`` ("exact"/"host")."""
+def install_rotary(model, spatial: str, base_hw: tuple[int, int] | None = None):
+    """Return a clone of ``model`` whose rotary positions follow ``spatial`` ("exact"/"host"), on the
+    training grid ``base_hw`` (tokens; default: the host's)."""
     m = model.clone()
-    m.add_object_patch(ROTARY_ATTR, RotaryPatch(m.get_model_object("diffusion_model"), spatial))
+    m.add_object_patch(ROTARY_ATTR, RotaryPatch(m.get_model_object("diffusion_model"), spatial, base_hw))
     return m
 
 
@@ -193,7 +211,7 @@ class ForwardState:
         return bias if bool((bias != 0).any()) else None
 
 
-def _row_bias(entries: list[ReferenceEntry], progress: float, cond_or_uncond: list[int], batch: int,
+def _row_bias(entries: list[ReferenceEntry], progress: Callable[[str], float], cond_or_uncond: list[int], batch: int,
               device: torch.device) -> tuple[torch.Tensor, list[int]]:
     rows = torch.zeros(batch, dtype=torch.long)
     if cond_or_uncond:
@@ -211,19 +229,54 @@ def _row_bias(entries: list[ReferenceEntry], progress: float, cond_or_uncond: li
     return torch.stack(cols, dim=1).to(device), owner
 
 
+def _call_progress(transformer_options: dict) -> Callable[[str], float]:
+    """τ of this model call by TAB progress mode, computed once per mode used."""
+    sigmas = transformer_options.get("sigmas")
+    sample_sigmas = transformer_options.get("sample_sigmas")
+    cache: RunCache | None = transformer_options.get(RUN_KEY)
+    percent_to_sigma = cache.percent_to_sigma if cache is not None else None
+    memo: dict[str, float] = {}
+
+    def progress(mode: str) -> float:
+        if mode not in memo:
+            memo[mode] = 0.0 if sigmas is None else run_progress(mode, sigmas, sample_sigmas, percent_to_sigma)
+        return memo[mode]
+
+    return progress
+
+
+def _call_sigmas(transformer_options: dict, batch: int) -> torch.Tensor:
+    """Per batch row, the sigma of this model call (what ``noised`` references are noised to)."""
+    sigmas = transformer_options.get("sigmas")
+    if sigmas is None:
+        raise PatchError("CustomVideoXApply: reference_timestep 'noised' needs the sampler's sigma, which this "
+                         "model call does not carry; run it through a sampler, or choose 'sampling' or 'clean'")
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten().cpu()
+    return sigmas.expand(batch) if sigmas.numel() == 1 else sigmas
+
+
+def _reference_latent(e: ReferenceEntry, i: int, sigma: torch.Tensor | None) -> torch.Tensor:
+    """Reference ``i`` of ``e`` as the model sees it: ``[B, C, F, h, w]`` noised to ``sigma`` per row
+    (``reference_timestep='noised'``), else the clean latent ``[1, C, F, h, w]``."""
+    latent = e.latent[i:i + 1]
+    if e.reference_timestep != "noised":
+        return latent
+    return noised_reference(latent, sigma, reference_noise(e.latent.shape)[i:i + 1])
+
+
 def _timestep_embedding(dm, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     t_emb = cogvideo.get_timestep_embedding(timestep, dm.time_proj_dim, dm.time_proj_flip, dm.time_proj_shift)
     return dm.time_embedding_linear_2(dm.time_embedding_act(dm.time_embedding_linear_1(t_emb.to(dtype))))
 
 
 def reference_stream_kv(dm, latent: torch.Tensor, context: torch.Tensor, ref_rope: str, rotary: RotaryPatch,
-                        ofs: torch.Tensor | None, block_opts: dict | None = None
-                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One-way mode: run ``[text | reference]`` through every block with timestep 0 (clean;
-    design.md §1 [reconstructed]) and keep each block's reference K/V (post-RoPE).
+                        ofs: torch.Tensor | None, block_opts: dict | None = None,
+                        timestep: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One-way mode: run ``[text | reference]`` through every block at ``timestep`` (``[1]``; None = 0,
+    clean) and keep each block's reference K/V (post-RoPE).
 
-    Returns per block a pair of ``[1, H, N*R, D]`` tensors. The references attend to
-    themselves and the text only, so this does not depend on the sampling step.
+    Returns per block a pair of ``[1, H, N*R, D]`` tensors. The references attend to themselves and
+    the text only, so this depends on the step only through ``timestep`` (and a noised ``latent``).
     ``block_opts``: the model call's transformer_options, passed on to the blocks (with this
     pass's attention override and :data:`REFERENCE_STREAM_KEY`) so block patches see them.
     """
@@ -234,7 +287,8 @@ def reference_stream_kv(dm, latent: torch.Tensor, context: torch.Tensor, ref_rop
         hidden = dm.patch_embed(context, x)
         text = context.shape[1]
         enc, hid = hidden[:, :text], hidden[:, text:]
-        temb = _timestep_embedding(dm, torch.zeros(1, device=x.device), x.dtype)
+        t = torch.zeros(1, device=x.device) if timestep is None else timestep.reshape(1).to(x.device)
+        temb = _timestep_embedding(dm, t, x.dtype)
         if dm.ofs_embedding_linear_1 is not None and ofs is not None:
             o = cogvideo.get_timestep_embedding(ofs[:1], dm.ofs_proj_dim, dm.time_proj_flip, dm.time_proj_shift)
             temb = temb + dm.ofs_embedding_linear_2(dm.ofs_embedding_act(dm.ofs_embedding_linear_1(o.to(x.dtype))))
@@ -306,10 +360,9 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
     if not entries:
         return executor(x, timestep, context, ofs, transformer_options, **kwargs)
     _check_geometry(entries, x, context, dm)
-    sigmas, sample_sigmas = transformer_options.get("sigmas"), transformer_options.get("sample_sigmas")
-    progress = 0.0 if sigmas is None or sample_sigmas is None else \
-        progress_from_sigmas(float(sigmas.max()), sample_sigmas)
-    row_bias, owner = _row_bias(entries, progress, transformer_options.get("cond_or_uncond") or [],
+    progress = _call_progress(transformer_options)
+    row_bias, owner = _row_bias(entries, progress,
+                                transformer_options.get("cond_or_uncond") or [],
                                 x.shape[0], x.device)
     off = torch.isneginf(row_bias).all(dim=1)
     if bool(off.all()):
@@ -330,7 +383,10 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
     cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
     per = x.shape[0] // len(cond_or_uncond)
     cond_row = cond_or_uncond.index(0) * per if 0 in cond_or_uncond else 0
-    erae_on = tuple(e.region is not None and progress >= e.region.start_percent for e in entries)
+    # ERAE's start_percent is read in the entry's TAB progress mode (steps without a schedule).
+    erae_on = tuple(e.region is not None
+                    and progress(e.schedule.progress if e.schedule is not None else "steps") >= e.region.start_percent
+                    for e in entries)
     state = ForwardState(entries=entries, layout=layout, row_bias=row_bias, ref_owner=owner,
                          num_blocks=len(dm.blocks), cond_row=cond_row, map_rows=slice(cond_row, cond_row + per),
                          erae_on=erae_on, probe=bool(transformer_options.get(PROBE_KEY)))
@@ -364,10 +420,12 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
     opts = dict(transformer_options)
     opts[STATE_KEY] = state
     if one_way:
-        state.ref_kv = _one_way_kv(dm, entries, context, transformer_options, ofs, x, cond_row)
+        state.ref_kv = _one_way_kv(dm, entries, context, transformer_options, ofs, x, timestep, cond_row)
         return executor(x, timestep, context, ofs, opts, **kwargs)
 
-    ref_x = [e.latent[i:i + 1].to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1, -1)
+    row_sigmas = _call_sigmas(transformer_options, x.shape[0]) \
+        if any(e.reference_timestep == "noised" for e in entries) else None
+    ref_x = [_reference_latent(e, i, row_sigmas).to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1, -1)
              for e in entries for i in range(e.count)]
     ref_frames = sum(r.shape[2] for r in ref_x)
     token = _ref_frames.set((ref_frames // p_t, entries[0].ref_rope))
@@ -434,7 +492,7 @@ def _positive_maps(executor, x, timestep, text, ofs, transformer_options, kwargs
     return {e_i: torch.cat(p) for e_i, p in parts.items()}
 
 
-def _one_way_kv(dm, entries, context, transformer_options, ofs, x, cond_row: int):
+def _one_way_kv(dm, entries, context, transformer_options, ofs, x, timestep, cond_row: int):
     cache: RunCache | None = transformer_options.get(RUN_KEY)
     run = cache.kv if cache is not None else None
     rotary = dm._get_rotary_emb if hasattr(dm._get_rotary_emb, "table") else RotaryPatch(dm, "host")
@@ -445,16 +503,26 @@ def _one_way_kv(dm, entries, context, transformer_options, ofs, x, cond_row: int
         text = context[cond_row:cond_row + 1]
     out = []
     for e in entries:
+        # clean: one pass per run. sampling / noised: the pass depends on the call's timestep (and sigma),
+        # so it is kept for the current one only (cond and uncond calls of a step share it).
+        t_ref, latent, when = None, e.latent, None
+        if e.reference_timestep != "clean":
+            t_ref = timestep.flatten()[cond_row:cond_row + 1]
+            when = (float(t_ref),)
+            if e.reference_timestep == "noised":
+                sigma = _call_sigmas(transformer_options, x.shape[0])[cond_row:cond_row + 1]
+                latent = noised_reference(e.latent, sigma, reference_noise(e.latent.shape))
+                when += (float(sigma),)
         # The sampler rebuilds the conditioning batch every step: compare the text by value.
         key = (id(e), x.device, x.dtype)
         hit = run.get(key) if run is not None else None
-        if hit is not None and hit[0].shape == text.shape and torch.equal(hit[0], text):
-            kv = hit[1]
+        if hit is not None and hit[1] == when and hit[0].shape == text.shape and torch.equal(hit[0], text):
+            kv = hit[2]
         else:
-            kv = reference_stream_kv(dm, e.latent.to(x.device, x.dtype), text, e.ref_rope, rotary, ofs,
-                                     block_opts=transformer_options)
+            kv = reference_stream_kv(dm, latent.to(x.device, x.dtype), text, e.ref_rope, rotary, ofs,
+                                     block_opts=transformer_options, timestep=t_ref)
             if run is not None:
-                run[key] = (text.clone(), kv)
+                run[key] = (text.clone(), when, kv)
         out.append(kv)
     # Per block: one (k, v) per reference, in entry order.
     return [[(k[:, :, j * r:(j + 1) * r], v[:, :, j * r:(j + 1) * r])
@@ -575,12 +643,15 @@ def _takes_mask(fn) -> bool:
 
 class RunCache:
     """Per sampling run: one-way reference K/V by entry, the positive prompt (the reference pass and
-    ERAE auto maps read it) and the latest positive ERAE maps with their (x, timestep). Not a dict, so
-    the host's per-call copies of transformer_options share it."""
+    ERAE auto maps read it), the latest positive ERAE maps with their (x, timestep), and the sampled
+    model's ``percent_to_sigma`` (TAB progress by noise level). Not a dict, so the host's per-call
+    copies of transformer_options share it."""
 
-    def __init__(self, text: torch.Tensor | None = None) -> None:
+    def __init__(self, text: torch.Tensor | None = None,
+                 percent_to_sigma: Callable[[float], float] | None = None) -> None:
         self.kv: dict = {}
         self.text = text
+        self.percent_to_sigma = percent_to_sigma
         self.maps: tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]] | None = None
 
     def positive(self, context: torch.Tensor) -> torch.Tensor | None:
@@ -613,8 +684,12 @@ def _positive_text(guider) -> torch.Tensor | None:
 
 def outer_sample_wrapper(executor, *args, **kwargs):
     """Owns the per-run cache; it is dropped when sampling ends, however it ends."""
-    opts = executor.class_obj.model_options.setdefault("transformer_options", {})
-    opts[RUN_KEY] = RunCache(_positive_text(executor.class_obj))
+    guider = executor.class_obj
+    opts = guider.model_options.setdefault("transformer_options", {})
+    # The guider's model is the one sampled: its model_sampling includes any sampling node after Apply.
+    patcher = getattr(guider, "model_patcher", None)
+    sampling = patcher.get_model_object("model_sampling") if patcher is not None else None
+    opts[RUN_KEY] = RunCache(_positive_text(guider), getattr(sampling, "percent_to_sigma", None))
     try:
         return executor(*args, **kwargs)
     finally:

@@ -22,7 +22,7 @@ from comfy_api.latest import io
 
 from ..cvx_core.dataset import EncodeText, EncodeVideo, PrepSettings, prepare_dataset
 from ..cvx_core.lora import DEFAULT_TARGETS, TARGETS, ReferenceLora, block_target_shapes, init_adapter
-from ..cvx_core.training import ModelFn, TrainResult, TrainSettings, train_adapter
+from ..cvx_core.training import TRAIN_REFERENCE_TIMESTEPS, ModelFn, TrainResult, TrainSettings, train_adapter
 from .apply import check_cogvideox_t2v
 from .reference_block import CHECKPOINT_KEY, apply_reference_adapter, module_shapes
 from .reference_patch import ENTRIES_KEY, ReferenceEntry, apply_reference
@@ -34,8 +34,13 @@ TARGET_SETS = {"attention (q,k,v,out)": DEFAULT_TARGETS, "attention + feed-forwa
 TRAIN_SUBFOLDER = "customvideox_training"
 
 
-def training_model_fn(model, lora: ReferenceLora) -> tuple[ModelFn, torch.device, torch.dtype, torch.Tensor]:
+def training_model_fn(model, lora: ReferenceLora, reference_timestep: str = "sampling"
+                      ) -> tuple[ModelFn, torch.device, torch.dtype, torch.Tensor]:
     """``(model_fn, device, dtype, alphas_cumprod)`` for :func:`cvx_core.training.train_adapter`.
+
+    The reference goes through the same patch as at inference, with CustomVideoXApply's
+    ``reference_timestep`` (two-way): the call carries its sigma, so ``noised`` noises the reference
+    exactly as a sampler's call would.
 
     ``model`` must hold ordinary (not inference-mode) weights: inside a node, pass a
     ``clone(force_deepcopy=True)`` made under ``torch.inference_mode(False)``.
@@ -48,15 +53,17 @@ def training_model_fn(model, lora: ReferenceLora) -> tuple[ModelFn, torch.device
     mm.load_models_gpu([patched], memory_required=1e20, force_full_load=True)
     device = patched.load_device
     dtype = patched.model.manual_cast_dtype or patched.model.get_dtype()
-    sigmas = patched.get_model_object("model_sampling").sigmas.double()
-    alphas_cumprod = (1.0 / (1.0 + sigmas ** 2)).float()
+    sigmas = patched.get_model_object("model_sampling").sigmas
+    alphas_cumprod = (1.0 / (1.0 + sigmas.double() ** 2)).float()
     base_opts = dict(patched.model_options.get("transformer_options", {}))
     base_opts["wrappers"] = patched.wrappers
     diffusion_model = patched.model.diffusion_model
 
     def model_fn(x_t, t, text, reference, checkpointing):
         opts = dict(base_opts)
-        opts[ENTRIES_KEY] = [ReferenceEntry(latent=reference.repeat(1, 1, p_t, 1, 1))]
+        opts[ENTRIES_KEY] = [ReferenceEntry(latent=reference.repeat(1, 1, p_t, 1, 1),
+                                            reference_timestep=reference_timestep)]
+        opts["sigmas"] = sigmas[t.long().cpu()].to(t.device)
         opts[CHECKPOINT_KEY] = checkpointing
         return diffusion_model(x_t, t, text, transformer_options=opts)
 
@@ -87,7 +94,7 @@ def train_on_host(model, encode_video: EncodeVideo, encode_text: EncodeText, dat
                            encoder_id=encoder_id, progress=prep_progress)
     shapes = block_target_shapes(module_shapes(model), tuple(settings.targets))
     lora = init_adapter(shapes, settings.rank, settings.alpha, seed=settings.seed)
-    model_fn, device, dtype, acp = training_model_fn(model, lora)
+    model_fn, device, dtype, acp = training_model_fn(model, lora, settings.reference_timestep)
     mm.in_training = True  # as the host's own trainer: ops then keep autograd-friendly paths
     try:
         return train_adapter(settings, data, model_fn, lora, acp, out_dir, device=device, dtype=dtype,
@@ -170,6 +177,12 @@ class CustomVideoXTrainAdapter(io.ComfyNode):
                 io.Boolean.Input("resume", default=True,
                                  tooltip="Continue from the latest checkpoint of this adapter_name, if any."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for init, sampling and noise."),
+                io.Combo.Input("reference_timestep", options=list(TRAIN_REFERENCE_TIMESTEPS), default="sampling",
+                               optional=True,
+                               tooltip="The reference's timestep during training (two-way): use the same value "
+                                       "on CustomVideoXApply with the trained adapter. sampling: the clean "
+                                       "reference at the training timestep; noised: the reference noised to it.",
+                               advanced=True),
             ],
             outputs=[io.String.Output(display_name="adapter", tooltip="The saved adapter's name in models/loras."),
                      io.Image.Output(display_name="loss_curve", tooltip="The training loss per step.")],
@@ -179,7 +192,8 @@ class CustomVideoXTrainAdapter(io.ComfyNode):
     def execute(cls, model, vae, clip, dataset_folder: str, subject: str, adapter_name: str, steps: int,
                 learning_rate: float, rank: int, alpha: float, targets: str, width: int, height: int,
                 num_frames: int, frame_stride: int, reference_drop: float, text_drop: float,
-                gradient_checkpointing: bool, checkpoint_every: int, resume: bool, seed: int) -> io.NodeOutput:
+                gradient_checkpointing: bool, checkpoint_every: int, resume: bool, seed: int,
+                reference_timestep: str = "sampling") -> io.NodeOutput:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", adapter_name) or adapter_name.startswith("."):
             raise ValueError(f"CustomVideoXTrainAdapter: adapter_name {adapter_name!r} must be a plain file name "
                              f"(letters, digits, _ . -)")
@@ -188,7 +202,7 @@ class CustomVideoXTrainAdapter(io.ComfyNode):
         settings = TrainSettings(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha,
                                  targets=TARGET_SETS[targets], seed=seed, reference_drop=reference_drop,
                                  text_drop=text_drop, gradient_checkpointing=gradient_checkpointing,
-                                 checkpoint_every=checkpoint_every)
+                                 checkpoint_every=checkpoint_every, reference_timestep=reference_timestep)
         prep = PrepSettings(width=width, height=height, num_frames=num_frames, frame_stride=frame_stride)
         pbar = comfy.utils.ProgressBar(steps)
         with torch.inference_mode(False):

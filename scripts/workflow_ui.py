@@ -59,6 +59,8 @@ TEMPLATE_TITLES = {
     "tab_vs_fixed": "CustomVideoX TAB vs fixed bias",
     "two_references": "CustomVideoX two subjects",
     "erae_mask": "CustomVideoX subject placed by a mask (ERAE)",
+    "wan_phantom_tab": "CustomVideoX Wan Phantom subject with TAB",
+    "wan_vace_ref_tab": "CustomVideoX Wan VACE reference with TAB",
 }
 # Loader inputs that name a model file, and the kind of file (model_files) they take.
 LOADER_FILES = {
@@ -338,7 +340,9 @@ def models_property(class_type: str, values: dict[str, Any]) -> list[dict[str, s
     name = values.get(key)
     if not isinstance(name, str):
         return None
-    d = next((d for d in mf.downloads(kind) if d.name == name), mf.downloads(kind)[0])
+    # The file the widget names (CogVideoX or Wan); else the CogVideoX repository of that kind (the
+    # transformer is a diffusers folder whose local name the user chooses).
+    d = next((d for d in (*mf.DOWNLOADS, *mf.WAN_DOWNLOADS) if d.name == name), mf.downloads(kind)[0])
     return [{"name": name, "url": d.url, "directory": mf.FOLDERS[kind]}]
 
 

@@ -84,8 +84,8 @@ def test_one_way_reference_is_computed_once_per_run(host, sampler, monkeypatch):
     calls = []
     real = rp.reference_stream_kv
     monkeypatch.setattr(rp, "reference_stream_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
-    sample(apply(host, model, attention_mode="one_way"))
-    assert len(calls) == 1  # 4 steps x cond/uncond share one reference pass
+    sample(apply(host, model, attention_mode="one_way", reference_timestep="clean"))
+    assert len(calls) == 1  # 4 steps x cond/uncond share one reference pass (t = 0 does not change per step)
 
 
 def test_reference_encode_and_apply_through_the_executor(host, tiny_models):

@@ -148,12 +148,14 @@ def test_one_way_cached_equals_uncached_over_a_sampling_run(pk, model, inputs, r
 
 def test_reference_passes_through_the_blocks_once_per_sampling_run(pk, model, inputs, ref_stream):
     per_step: list[int] = []
-    sample(patch(pk, model, inputs.ref), inputs, callback=lambda step, *_: per_step.append(len(ref_stream)))
+    # reference_timestep 'clean' (t = 0) is the one-way setting that is cached per run.
+    sample(patch(pk, model, inputs.ref, reference_timestep="clean"), inputs,
+           callback=lambda step, *_: per_step.append(len(ref_stream)))
     assert len(ref_stream) == 1, f"{len(ref_stream)} reference passes in one {STEPS}-step cfg run: {per_step}"
 
 
 def test_one_way_output_and_passes_do_not_depend_on_cond_uncond_batching(pk, model, inputs, ref_stream):
-    patched = patch(pk, model, inputs.ref)
+    patched = patch(pk, model, inputs.ref, reference_timestep="clean")
     batched = sample(patched, inputs)
     n = len(ref_stream)
     separate = sample(separate_cond_uncond(patched), inputs)
@@ -246,7 +248,7 @@ def _model_calls(model, counter: Counter):
 def test_bias_and_layout_are_built_once_per_model_call(pk, model, inputs, monkeypatch, mode, strength, schedule):
     c: Counter = Counter()
     for module, name in ((pk.rp, "column_bias"), (pk.ra, "column_bias"), (pk.rp, "ForwardState"),
-                         (pk.rp, "TokenLayout"), (pk.rp, "progress_from_sigmas"), (pk.rp, "_row_bias"),
+                         (pk.rp, "TokenLayout"), (pk.rp, "run_progress"), (pk.rp, "_row_bias"),
                          (pk.rp, "mask_to_token_map"), (pk.rp, "refine_map")):
         _count(monkeypatch, module, name, c, f"{module.__name__.rsplit('.', 1)[-1]}.{name}")
     _count(monkeypatch, pk.rp, "reference_attention", c, "attention calls")
@@ -254,9 +256,10 @@ def test_bias_and_layout_are_built_once_per_model_call(pk, model, inputs, monkey
     sample(patched, inputs)
     calls = c["model calls"]
     assert calls == STEPS and c["attention calls"] == BLOCKS * calls, c
-    for name in ("ForwardState", "TokenLayout", "progress_from_sigmas", "_row_bias", "mask_to_token_map",
-                 "refine_map"):
+    for name in ("ForwardState", "TokenLayout", "_row_bias", "mask_to_token_map", "refine_map"):
         assert c[f"reference_patch.{name}"] == calls, (name, c)
+    # Progress only for a schedule, once per model call.
+    assert c["reference_patch.run_progress"] == (calls if schedule else 0), c
     # One column mask per model call (one block range here), none rebuilt inside the blocks.
     assert c["reference_patch.column_bias"] == calls, c
     assert c["reference_attention.column_bias"] == 0, c

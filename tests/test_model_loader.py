@@ -360,3 +360,39 @@ def test_schema_has_tooltips_and_outputs_model(models: Path) -> None:
     assert all(i.tooltip for i in schema.inputs)
     assert next(i for i in schema.inputs if i.id == "rope").default == "exact"
     assert [o.io_type for o in schema.outputs] == ["MODEL"]
+
+
+# --- a diffusers folder's config.json --------------------------------------------------------------------
+
+
+def _config_folder(models: Path, name: str, **config) -> str:
+    """A diffusers save_pretrained folder of the tiny 1.0 weights whose config.json says ``config``."""
+    folder = models / name
+    if not folder.exists():
+        peer = DiffusersCogVideoX(**{**tm.diffusers_config(tm.TINY_CONFIG_1_0), **config})
+        peer.load_state_dict(tm.native_to_diffusers(tm.build_native_state_dict(tm.TINY_CONFIG_1_0)), strict=True)
+        peer.save_pretrained(str(folder), safe_serialization=True)
+    folder_paths.filename_list_cache.pop("diffusion_models", None)
+    return name + os.sep
+
+
+@pytest.mark.parametrize("grid", [(16, 24), (20, 20), (24, 32)])
+def test_exact_rope_uses_the_training_grid_of_the_folders_config(models: Path, grid: tuple[int, int]) -> None:
+    """A model trained at 384x512 (sample 48x64 latents): diffusers builds its RoPE from that grid."""
+    name = _config_folder(models, "cvx_tiny_sample_48x64", sample_height=48, sample_width=64)
+    peer = DiffusersCogVideoX.from_pretrained(str(models / name))
+    assert (peer.config.sample_height, peer.config.sample_width) == (48, 64)
+    x, t, ctx = inputs(t=2, h=grid[0], w=grid[1])
+    expected = diffusers_forward(peer.eval(), x, t, ctx)
+    exact = host_forward(load(name, "exact"), x, t, ctx)
+    assert max_diff(exact, expected) < 1e-5 * max(1.0, expected.abs().max().item())
+    # The host's default training grid (60x90) gives other positions: the config matters here.
+    default_grid = host_forward(rp.install_rotary(load(SHARDED + os.sep, "host"), "exact"), x, t, ctx)
+    assert max_diff(default_grid, expected) > 1e-3
+
+
+def test_a_config_the_weights_contradict_is_a_clear_error(models: Path) -> None:
+    name = _config_folder(models, "cvx_tiny_sincos_config", use_rotary_positional_embeddings=False)
+    with pytest.raises(ck.CheckpointError, match="CustomVideoXModelLoader.*use_rotary_positional_embeddings=False "
+                                                 r"\(the host built True\)"):
+        load(name, "exact")

@@ -164,15 +164,16 @@ def test_curve_points_and_plot():
 
 
 def test_progress_from_a_simple_schedule():
+    # Model calls happen at 10, 5 and 1 (the last step denoises to 0): they span the curve.
     sigmas = [10.0, 5.0, 1.0, 0.0]
     assert progress_from_sigmas(20.0, sigmas) == 0.0
     assert progress_from_sigmas(10.0, sigmas) == 0.0
-    assert progress_from_sigmas(5.0, sigmas) == 1 / 3
-    assert progress_from_sigmas(1.0, sigmas) == 2 / 3
+    assert progress_from_sigmas(5.0, sigmas) == 1 / 2
+    assert progress_from_sigmas(1.0, sigmas) == 1.0
+    assert progress_from_sigmas(0.5, sigmas) == 1.0
     assert progress_from_sigmas(0.0, sigmas) == 1.0
-    assert progress_from_sigmas(math.sqrt(50.0), sigmas) == pytest.approx(0.5 / 3)  # log-sigma midpoint
-    assert progress_from_sigmas(0.5, sigmas) == pytest.approx(2.5 / 3)  # linear towards 0
-    assert progress_from_sigmas(torch.tensor([5.0, 5.0]), torch.tensor(sigmas)) == 1 / 3
+    assert progress_from_sigmas(math.sqrt(50.0), sigmas) == pytest.approx(0.5 / 2)  # log-sigma midpoint
+    assert progress_from_sigmas(torch.tensor([5.0, 5.0]), torch.tensor(sigmas)) == 1 / 2
     with pytest.raises(ValueError, match="1 value.*steps \\+ 1"):
         progress_from_sigmas(1.0, [1.0])
     with pytest.raises(ValueError, match="descending"):
@@ -202,10 +203,13 @@ def test_progress_over_every_host_scheduler():
             if name == "kl_optimal" and steps == 1:
                 continue  # the host's kl_optimal gives [nan, 0] for one step (rejected, see below)
             sigmas = comfy.samplers.calculate_sigmas(ms, name, steps)
-            n = len(sigmas) - 1
+            n = len(sigmas) - 2  # model calls at sigmas[0..n] (the schedule ends in 0)
+            if n == 0:
+                assert progress_from_sigmas(sigmas[0], sigmas) == 0.0
+                continue
             taus = [progress_from_sigmas(sigmas[i], sigmas) for i in range(n + 1)]
             assert taus == [i / n for i in range(n + 1)], (name, steps)
-            # between steps τ rises strictly inside (i/n, (i+1)/n)
+            # between calls τ rises strictly inside (i/n, (i+1)/n)
             for i in range(n):
                 hi, lo = float(sigmas[i]), float(sigmas[i + 1])
                 if hi > lo:
@@ -236,6 +240,7 @@ def test_progress_seen_by_the_model_inside_real_host_samplers(sampler):
     assert all(a <= b for a, b in zip(seen, seen[1:])), seen  # never goes back, unlike a call counter
     if sampler == "dpm_2":
         # dpm_2's second evaluation sits at the log-sigma midpoint of each step: exactly half a step
-        assert seen[1] == pytest.approx(0.5 / 10, abs=1e-5)
+        assert seen[1] == pytest.approx(0.5 / 9, abs=1e-5)
     if sampler == "heun":
-        assert len(seen) > 10 and seen[1] == pytest.approx(1 / 10)  # the corrector sees the next sigma
+        assert len(seen) > 10 and seen[1] == pytest.approx(1 / 9)  # the corrector sees the next sigma
+    assert seen[-1] == 1.0  # the last model call ends the curve

@@ -127,6 +127,11 @@ def test_workflow_files_complete_and_core_only() -> None:
     tab = wt.load_api("tab_vs_fixed")
     curves = sorted(tab[n]["inputs"]["curve"] for n in nodes_of(tab, "CustomVideoXTABSchedule"))
     assert curves == ["fixed", "parabolic"] and len(nodes_of(tab, "SamplerCustomAdvanced")) == 2
+    # The paper's comparison: a fixed bias against a parabola of the same mean (mean of 4t(1-t) is 2/3).
+    means = {tab[n]["inputs"]["curve"]: tab[n]["inputs"]["b_max"] if tab[n]["inputs"]["curve"] == "fixed" else
+             tab[n]["inputs"]["b_min"] + (tab[n]["inputs"]["b_max"] - tab[n]["inputs"]["b_min"]) * 2 / 3
+             for n in nodes_of(tab, "CustomVideoXTABSchedule")}
+    assert abs(means["fixed"] - means["parabolic"]) < 1e-9, means
     assert len({tuple(tab[n]["inputs"]["noise"]) for n in nodes_of(tab, "SamplerCustomAdvanced")}) == 1
     two = wt.load_api("two_references")
     applies = nodes_of(two, "CustomVideoXApply")
