@@ -89,3 +89,26 @@ def test_strength_one_without_schedule_is_the_unpatched_phantom_graph(host, wan_
            for name, p in (("plain", plain), ("neutral", neutral), ("stronger", stronger))}
     assert torch.equal(out["neutral"], out["plain"])
     assert not torch.equal(out["stronger"], out["plain"])
+
+
+def test_phantom_erae_auto_mode_from_the_wan_umt5_clip(host, wan_files):
+    """ERAE auto on the Phantom graph: CustomVideoXEntityRegion tokenises the shipped positive prompt with
+    the host's Wan umT5 tokenizer (CLIPLoader type wan's; see CVXTestWanTokenizerClip for its vocabulary)
+    and the region reaches the sampler."""
+    prompt, sampler = latent_only(tiny_phantom(wan_files))
+    bias = nodes_of(prompt, "CustomVideoXReferenceFramesBias")
+    text = wt.load_api("wan_phantom_tab")["4"]["inputs"]["text"]
+    assert text.startswith("A corgi dog runs")
+    prompt["50"] = {"class_type": "CVXTestWanTokenizerClip", "inputs": {}}
+    prompt["51"] = {"class_type": "CustomVideoXEntityRegion",
+                    "inputs": {"mode": "auto", "lam": 2.0, "map_block": 0, "refine": "soft", "top_k": 0.25,
+                               "smooth": 0, "prompt": text, "subject_words": "corgi, dog", "clip": ["50", 0]}}
+    with_region = copy.deepcopy(prompt)
+    with_region[bias]["inputs"]["region"] = ["51", 0]
+    result = host.run(with_region, capture=[sampler, "51"])
+    # SentencePiece pieces of the prompt: "▁A", "▁c", "org", "i", "▁dog", "▁runs", ... (tests/test_wan_tokens.py)
+    assert result.output("51").entity_idx == (1, 2, 3, 4)
+    region_latent = result.output(sampler)["samples"]
+    plain_latent = host.run(prompt, capture=[sampler]).output(sampler)["samples"]
+    assert torch.isfinite(region_latent).all()
+    assert (region_latent - plain_latent).abs().max() > 1e-4
