@@ -6,6 +6,9 @@ front. Their self-attention sequence is then ``[video | ref_0 .. ref_n]`` or ``[
 video]``, and the reference attention maths (:mod:`.reference_attention`) applies unchanged once the
 layout says where the reference columns are.
 
+A subject mask on a reference frame hides (or weakens) the frame's background tokens: a per-key-column
+bias, carried by the same ``(B, 1, 1, S)`` column mask as the strength (:func:`background_column_bias`).
+
 Host-free: plain Python and torch.
 """
 
@@ -15,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .token_layout import TokenLayout
 
@@ -68,3 +72,56 @@ def row_biases(biases: Sequence[float], rows_biased: Sequence[bool], n_refs: int
             out[r] = torch.tensor([float(b) for b in biases])
     return out.to(device) if device is not None else out
 
+
+
+# A token is the subject's when at least this fraction of its area is inside the mask.
+SUBJECT_COVERAGE = 0.5
+
+
+def centre_crop(mask: torch.Tensor, aspect: float) -> torch.Tensor:
+    """``[N, H, W]`` cropped about the centre to ``aspect`` (width / height).
+
+    The rule (and its rounding) of the host's ``common_upscale(..., crop="center")``, which the Wan
+    conditioning nodes apply to the reference image before encoding it, so that a mask drawn on the
+    reference image lands on the same tokens as the image.
+    """
+    height, width = mask.shape[-2:]
+    old = width / height
+    x = y = 0
+    if old > aspect:
+        x = round((width - width * (aspect / old)) / 2)
+    elif old < aspect:
+        y = round((height - height * (old / aspect)) / 2)
+    return mask[..., y:height - y, x:width - x]
+
+
+def subject_tokens(mask: torch.Tensor, hw: tuple[int, int], coverage: float = SUBJECT_COVERAGE) -> torch.Tensor:
+    """Which tokens of a reference frame of ``hw`` tokens show the subject: ``[N, h*w]`` bool.
+
+    ``mask``: ``[N, H, W]`` in [0, 1] at the reference image's aspect (any size); centre-cropped to the
+    frame's aspect like the image (:func:`centre_crop`), area-averaged onto the token grid, and
+    thresholded at ``coverage``.
+    """
+    h, w = hw
+    cropped = centre_crop(mask.float(), w / h)
+    area = F.interpolate(cropped[:, None], size=(h, w), mode="area")[:, 0]
+    return (area >= coverage).flatten(1)
+
+
+def background_column_bias(layout: FrameLayout, subject: torch.Tensor, bias: float,
+                           rows_biased: Sequence[bool], device: torch.device | None = None) -> torch.Tensor:
+    """``[B, keys]``: ``bias`` on the key columns of the reference tokens outside the subject, 0 elsewhere.
+
+    ``subject``: ``[n_refs, tokens per frame]`` bool (:func:`subject_tokens`); ``bias``: a logit bias,
+    ``-inf`` hides the background; rows whose ``rows_biased`` is False get 0.
+    """
+    if subject.shape[0] != len(layout.refs):
+        raise ValueError(f"{subject.shape[0]} subject masks for {len(layout.refs)} reference frames")
+    background = torch.zeros(layout.keys, dtype=torch.bool)
+    for i in range(len(layout.refs)):
+        a, b = layout.ref_key_span(i)
+        background[a:b] = ~subject[i].cpu()
+    rows = torch.tensor([bool(r) for r in rows_biased])
+    out = torch.zeros(len(rows_biased), layout.keys)
+    out[rows[:, None] & background[None]] = float(bias)
+    return out.to(device) if device is not None else out

@@ -13,25 +13,9 @@ from ..cvx_core.entity_region import (
     REGION_MODES,
     EntityRegion,
     entity_tokens_with_tokenizer,
-    ids_from_token_weights,
 )
+from .prompt_tokens import prompt_tokens
 from .types import CATEGORY, CVXRegion
-
-
-def _t5_tokenizer(clip):
-    # The host's CogVideoX CLIP (CLIPLoader type cogvideox) wraps the T5 tokenizer in an SD1Tokenizer, which
-    # keeps it as `clip_t5xxl` (its `.clip` attribute names it); SD3-style wrappers keep it as `t5xxl`.
-    outer = getattr(clip, "tokenizer", None)
-    tok = None
-    for name in (getattr(outer, "clip", None), "clip_t5xxl", "t5xxl"):
-        if isinstance(name, str) and getattr(outer, name, None) is not None:
-            tok = getattr(outer, name)
-            break
-    hf = getattr(tok, "tokenizer", None)
-    if hf is None:
-        raise ValueError("CustomVideoXEntityRegion: this CLIP has no T5 tokenizer; load the T5 text encoder "
-                         "with CLIPLoader (type: cogvideox)")
-    return hf
 
 
 class CustomVideoXEntityRegion(io.ComfyNode):
@@ -63,7 +47,8 @@ class CustomVideoXEntityRegion(io.ComfyNode):
                                 tooltip="auto: the same prompt text you encode for the video."),
                 io.String.Input("subject_words", default="", optional=True,
                                 tooltip="auto: the subject's word(s) in the prompt, comma-separated (e.g. 'corgi, dog')."),
-                io.Clip.Input("clip", optional=True, tooltip="auto: the T5 CLIP, used only to tokenise the prompt."),
+                io.Clip.Input("clip", optional=True, tooltip="auto: the T5 CLIP (CogVideoX) or umT5 CLIP (Wan), used only "
+                                                           "to tokenise the prompt."),
                 io.Mask.Input("mask", optional=True, tooltip="mask: where the subject should be (any size with the "
                                                             "video's aspect ratio; 1 frame, or one per video "
                                                             "frame)."),
@@ -107,8 +92,7 @@ class CustomVideoXEntityRegion(io.ComfyNode):
             raise ValueError("CustomVideoXEntityRegion: auto mode needs the CLIP, the prompt and the subject "
                              "word(s); or use mask mode")
         words = [w.strip() for w in subject_words.split(",") if w.strip()]
-        ids = ids_from_token_weights(clip.tokenize(prompt)["t5xxl"][0])
-        hf = _t5_tokenizer(clip)
+        ids, hf = prompt_tokens(clip, prompt, "CustomVideoXEntityRegion")
         try:
             idx = entity_tokens_with_tokenizer(ids, words, hf, prompt=prompt)
         except ValueError as e:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from comfy_api.latest import io
 
 from .reference_patch import PatchError
@@ -42,13 +45,22 @@ class CustomVideoXReferenceFramesBias(io.ComfyNode):
                 io.Boolean.Input("apply_to_uncond", default=True,
                                  tooltip="Also bias the negative (uncond) pass. Off leaves the negative pass "
                                          "exactly as the graph built it."),
+                io.Mask.Input("reference_mask", optional=True,
+                              tooltip="Optional subject mask of the reference image(s) (1 = subject; one per image "
+                                      "in order, or one for all; any size, at the reference image's aspect). The "
+                                      "reference tokens outside the subject get background_strength. LoadImage's "
+                                      "mask of a cut-out is 1 on the background: put InvertMask after it."),
+                io.Float.Input("background_strength", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="With reference_mask: weight of the reference's background tokens relative "
+                                       "to its subject (bias log of it). 0 = hidden, so the background cannot "
+                                       "leak; 1 = like the subject (the mask has no effect)."),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
 
     @classmethod
-    def execute(cls, model, strength, leading_frames, block_start, block_end, apply_to_uncond, schedule=None,
-                region=None) -> io.NodeOutput:
+    def execute(cls, model, strength, leading_frames, block_start, block_end, apply_to_uncond,
+                background_strength=0.0, schedule=None, region=None, reference_mask=None) -> io.NodeOutput:
         dm = check_wan(model, NODE)
         n_blocks = len(dm.blocks)
         end = n_blocks - 1 if block_end < 0 else block_end
@@ -62,5 +74,21 @@ class CustomVideoXReferenceFramesBias(io.ComfyNode):
             raise PatchError(f"{NODE}: the MODEL is Wan VACE but leading_frames is 0: connect WanVaceToVideo's "
                              f"trim_latent to leading_frames (the VACE reference frame sits in front of the video)")
         entry = FramesEntry(strength=strength, schedule=schedule, region=region, block_start=block_start,
-                            block_end=block_end, apply_to_uncond=apply_to_uncond, leading_frames=leading_frames)
+                            block_end=block_end, apply_to_uncond=apply_to_uncond, leading_frames=leading_frames,
+                            reference_mask=_subject_masks(reference_mask),
+                            background_bias=math.log(background_strength) if background_strength > 0 else -math.inf)
         return io.NodeOutput(apply_frames_bias(model, entry))
+
+
+def _subject_masks(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``[N, H, W]`` on the CPU (mapped onto each run's token grid later), or None."""
+    if mask is None:
+        return None
+    m = mask.float()
+    m = m[None] if m.ndim == 2 else m
+    if m.ndim != 3:
+        raise PatchError(f"{NODE}: reference_mask has shape {tuple(mask.shape)}; expected a MASK [N, H, W]")
+    if not bool((m > 0).any()):
+        raise PatchError(f"{NODE}: reference_mask is empty (all zeros), which would hide the whole reference: paint "
+                         f"the subject white (1), or disconnect the mask")
+    return m.detach().cpu().clone()

@@ -10,6 +10,9 @@
   reference-key columns of the self-attention calls, and reads the ERAE map from the text
   cross-attention at ``map_block``.
 
+With a subject mask on the reference images, the reference tokens outside the subject get an extra
+bias on their key columns (hidden by default): the same column mask, no extra attention cost.
+
 Where every bias is 0 (strength 1, no schedule or region, rows or blocks outside the settings) the
 attention call is passed through untouched, so the output is the unpatched model's bit for bit.
 Several patches stack: their biases add.
@@ -17,6 +20,7 @@ Several patches stack: their biases add.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -24,9 +28,10 @@ import comfy.patcher_extension as pe
 import torch
 
 from ..cvx_core.entity_region import EntityRegion, entity_map_from_attention, mask_to_token_map
-from ..cvx_core.frame_layout import FrameLayout, row_biases
+from ..cvx_core.frame_layout import FrameLayout, background_column_bias, row_biases, subject_tokens
 from ..cvx_core.reference_attention import column_bias, reference_attention
 from ..cvx_core.tab_schedule import TABSchedule, progress_from_sigmas, reference_bias, strength_to_bias
+from .reference_patch import PatchError
 from .wan_backbone import CallOrder, call_layout, check_self_call, to_heads
 
 NODE = "CustomVideoXReferenceFramesBias"
@@ -46,6 +51,8 @@ class FramesEntry:
     block_end: int = -1
     apply_to_uncond: bool = True
     leading_frames: int = 0
+    reference_mask: torch.Tensor | None = None  # [1 or n_refs, H, W], 1 = subject
+    background_bias: float = -math.inf  # extra logit bias on the tokens outside the subject
 
     def bias(self, progress: float) -> float:
         if self.schedule is None:
@@ -72,6 +79,8 @@ class FramesState:
     entries: list[FramesEntry]
     layout: FrameLayout
     entry_bias: list[torch.Tensor]  # per entry: [B, n_refs]
+    entry_background: list[torch.Tensor | None]  # per entry: [B, keys] background column bias, or None
+    entry_rows: list[torch.Tensor]  # per entry: [B] 1 on the rows it biases (apply_to_uncond), else 0
     num_blocks: int
     cond_row: int
     order: CallOrder = field(default_factory=CallOrder)
@@ -88,7 +97,11 @@ class FramesState:
     def mask(self, active: tuple[bool, ...], dtype: torch.dtype) -> torch.Tensor | None:
         key = ("mask", active, dtype)  # built once per call and block set, not once per block
         if key not in self.cache:
-            self.cache[key] = column_bias(self.layout, self.bias(active), dtype)
+            mask = column_bias(self.layout, self.bias(active), dtype)
+            background = [b for b, on in zip(self.entry_background, active) if on and b is not None]
+            if background:
+                mask = sum(background)[:, None, None].to(dtype) + (0 if mask is None else mask)
+            self.cache[key] = mask
         return self.cache[key]
 
     def region(self, block: int, active: tuple[bool, ...]) -> torch.Tensor | None:
@@ -98,7 +111,8 @@ class FramesState:
             return None
         key = ("region", uses)
         if key not in self.cache:
-            total = sum(self.region_maps[i] * self.entries[i].region.lam for i, u in enumerate(uses) if u)
+            total = sum(self.region_maps[i] * (self.entries[i].region.lam * self.entry_rows[i][:, None])
+                        for i, u in enumerate(uses) if u)
             n = len(self.layout.refs)
             self.cache[key] = total[:, None].expand(-1, n, -1)
         return self.cache[key]
@@ -111,6 +125,27 @@ def _rows_biased(entry: FramesEntry, cond_or_uncond: list[int], batch: int) -> l
     return [cond_or_uncond[r // per] != 1 for r in range(batch)]
 
 
+def _background(entry: FramesEntry, layout: FrameLayout, rows: list[bool], device) -> torch.Tensor | None:
+    """The entry's background column bias ``[B, keys]``, or None where it changes nothing."""
+    if entry.reference_mask is None:
+        return None
+    n, masks = len(layout.refs), entry.reference_mask
+    if masks.shape[0] not in (1, n):
+        raise PatchError(f"{NODE}: reference_mask holds {masks.shape[0]} masks but this run has {n} reference "
+                         f"frame(s): give one mask per reference image, in order, or one for all")
+    subject = subject_tokens(masks, layout.grid[1:]).expand(n, -1)
+    for i in range(n):
+        if not bool(subject[i].any()):
+            raise PatchError(f"{NODE}: reference_mask {min(i, masks.shape[0] - 1)} covers no token of reference "
+                             f"frame {i} ({layout.grid[1]}x{layout.grid[2]} tokens, half a token's area or more "
+                             f"counts): paint the subject white (1); LoadImage's mask of a cut-out is 1 on the "
+                             f"transparent background, so put InvertMask after it")
+    if entry.background_bias == 0:
+        return None
+    out = background_column_bias(layout, subject, entry.background_bias, rows, device)
+    return out if bool((out != 0).any()) else None
+
+
 def diffusion_wrapper(executor, x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs):
     entries: list[FramesEntry] = transformer_options.get(ENTRIES_KEY) or []
     if not entries:
@@ -120,14 +155,17 @@ def diffusion_wrapper(executor, x, timestep, context, clip_fea, time_dim_concat,
     cond_or_uncond = transformer_options.get("cond_or_uncond") or []
     batch = x.shape[0]
     n = len(layout.refs)
-    entry_bias = [row_biases([e.bias(progress)] * n, _rows_biased(e, cond_or_uncond, batch), n, x.device)
-                  for e in entries]
-    if all(not bool((b != 0).any()) for b in entry_bias) and not any(e.region is not None for e in entries):
+    rows = [_rows_biased(e, cond_or_uncond, batch) for e in entries]
+    entry_bias = [row_biases([e.bias(progress)] * n, r, n, x.device) for e, r in zip(entries, rows)]
+    entry_background = [_background(e, layout, r, x.device) for e, r in zip(entries, rows)]
+    if (all(not bool((b != 0).any()) for b in entry_bias) and all(b is None for b in entry_background)
+            and not any(e.region is not None for e in entries)):
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
     cond_row = cond_or_uncond.index(0) * (batch // len(cond_or_uncond)) if 0 in cond_or_uncond else 0
     dm = executor.class_obj
-    state = FramesState(entries=entries, layout=layout, entry_bias=entry_bias, num_blocks=len(dm.blocks),
-                        cond_row=cond_row)
+    state = FramesState(entries=entries, layout=layout, entry_bias=entry_bias, entry_background=entry_background,
+                        entry_rows=[torch.tensor(r, dtype=torch.float32, device=x.device) for r in rows],
+                        num_blocks=len(dm.blocks), cond_row=cond_row)
     for i, e in enumerate(entries):
         if e.region is not None and e.region.mode == "mask":
             m = mask_to_token_map(e.region.mask, layout.grid).to(x.device, torch.float32)

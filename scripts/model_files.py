@@ -82,23 +82,6 @@ DOWNLOADS: tuple[Download, ...] = (
              "t5xxl_fp16.safetensors"),
 )
 
-# Wan 2.1 files of the Wan examples, as the host's own Wan templates (video_wan_vace_14B_ref2v) list them.
-# Phantom has no repackaged file in the host's templates: its entry points at the publisher's repository.
-_WAN = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
-WAN_DOWNLOADS: tuple[Download, ...] = (
-    Download(TRANSFORMER, "Wan 2.1 Phantom 14B", "phantom_wan_14B_fp16.safetensors",
-             "https://huggingface.co/bytedance-research/Phantom/tree/main", "about 28 GB",
-             "see https://huggingface.co/bytedance-research/Phantom (convert to one ComfyUI-format file)"),
-    Download(TRANSFORMER, "Wan 2.1 VACE 14B", "wan2.1_vace_14B_fp16.safetensors",
-             _WAN + "diffusion_models/wan2.1_vace_14B_fp16.safetensors", "about 35 GB",
-             f"wget -P models/diffusion_models {_WAN}diffusion_models/wan2.1_vace_14B_fp16.safetensors"),
-    Download(VAE, "Wan 2.1", "wan_2.1_vae.safetensors", _WAN + "vae/wan_2.1_vae.safetensors", "0.25 GB",
-             f"wget -P models/vae {_WAN}vae/wan_2.1_vae.safetensors"),
-    Download(T5, "Wan 2.1 (umT5-XXL)", "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
-             _WAN + "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "6.7 GB",
-             f"wget -P models/text_encoders {_WAN}text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
-)
-
 
 def downloads(kind: str) -> list[Download]:
     return [d for d in DOWNLOADS if d.kind == kind]

@@ -29,12 +29,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
 import urllib.request
 import uuid
 from collections import defaultdict
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,7 @@ LOADER_FILES = {
 }
 
 # One note per workflow: what it shows and which files it needs.
+TEMPLATE_PACKAGE = "comfyui_workflow_templates_json"
 MODELS_NOTE = (
     "**Models** (any CogVideoX 1.0/1.5 text-to-video transformer; pick yours in each loader):\n\n"
     + "\n".join(f"- `{d.folder}/`: {mf.WHAT[d.kind]} for {d.model}: [{d.repo}: {d.file}]({d.url}) "
@@ -77,6 +80,15 @@ MODELS_NOTE = (
     ".safetensors file. Load your subject's photo in **Reference image** (a plain background or a subject "
     "mask works best). Video size: multiples of 16 (720x480 native); frames 4n+1 (49 native). The mp4 goes "
     "to `output/video/`."
+)
+WAN_MODELS_NOTE = (
+    "**Models** (the host's Wan templates list the same files; the loaders offer their downloads):\n\n"
+    "- `models/diffusion_models/`: the Wan model ({model}).\n"
+    "- `models/text_encoders/`: umT5-XXL (`umt5_xxl_fp16.safetensors` or `umt5_xxl_fp8_e4m3fn_scaled."
+    "safetensors`), loaded with type `wan`.\n"
+    "- `models/vae/`: `wan_2.1_vae.safetensors`.\n\n"
+    "Load your subject in **Subject reference**: a cut-out on a plain background works best. Video size: "
+    "multiples of 16; frames 4n+1. The mp4 goes to `output/video/`."
 )
 DESCRIPTIONS = {
     "subject_to_video_void": (
@@ -112,6 +124,28 @@ DESCRIPTIONS = {
         "replace it with any MASK, e.g. a painted one (Load Image -> mask editor -> MASK output). For "
         "the automatic map from the subject's words, set the region's mode to auto and connect the CLIP, "
         "the prompt and the subject word(s)."
+    ),
+}
+# Wan examples: (description, the model file the note names).
+WAN_DESCRIPTIONS = {
+    "wan_phantom_tab": (
+        "## CustomVideoX on Wan Phantom: TAB on the reference frames\n\n"
+        "`WanPhantomSubjectToVideo` appends the subject's latent frames after the video, as Phantom was "
+        "trained. **Reference Frames Bias** on the MODEL biases the video's attention to those frames with "
+        "a TAB schedule (parabolic: highest mid-way through sampling). Strength 1 without a schedule is the "
+        "plain Phantom run. Add a **Entity Region** for ERAE, or a subject mask on `reference_mask` to hide "
+        "the reference's background.",
+        "a Wan 2.1 Phantom 14B checkpoint in ComfyUI layout",
+    ),
+    "wan_vace_ref_tab": (
+        "## CustomVideoX on Wan VACE: TAB on the reference frame, background hidden\n\n"
+        "The host's VACE reference-to-video graph (`video_wan_vace_14B_ref2v`, without the CausVid LoRA: "
+        "its default 20 steps, cfg 6). `WanVaceToVideo` puts the reference image's latent frame in front "
+        "of the video; its `trim_latent` tells **Reference Frames Bias** how many leading frames are the "
+        "reference and `TrimVideoLatent` how many to cut after sampling. The reference image's mask "
+        "(inverted: LoadImage's mask is 1 where the image is transparent) hides the reference's background "
+        "from the video; an image without alpha gives a full mask, i.e. no effect.",
+        "`wan2.1_vace_14B_fp16.safetensors`, or the 1.3B one at 480p",
     ),
 }
 
@@ -309,11 +343,11 @@ def api_to_ui(api: dict[str, Any], object_info: dict[str, Any], name: str = "") 
                  "links": out_links.get((nid, slot)) or None, "slot_index": slot}
             )
     next_id = max(int(n) for n in api) + 1
-    if name in DESCRIPTIONS:
+    if name in DESCRIPTIONS or name in WAN_DESCRIPTIONS:
         ui_nodes.append({
             "id": next_id, "type": "MarkdownNote", "pos": [40, -560], "size": [760, 520], "flags": {},
             "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [], "title": "About this workflow",
-            "properties": {}, "widgets_values": [DESCRIPTIONS[name] + "\n\n" + MODELS_NOTE],
+            "properties": {}, "widgets_values": [_note(name)],
             "color": "#432", "bgcolor": "#653",
         })
         next_id += 1
@@ -331,19 +365,48 @@ def api_to_ui(api: dict[str, Any], object_info: dict[str, Any], name: str = "") 
     }
 
 
+@functools.cache
+def template_models() -> dict[str, dict[str, str]]:
+    """``{file name: properties.models entry}`` over every host template's loader nodes."""
+    spec = find_spec(TEMPLATE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the host's templates package {TEMPLATE_PACKAGE} is not installed (host requirements)")
+    out: dict[str, dict[str, str]] = {}
+    for folder in spec.submodule_search_locations:
+        for path in sorted(Path(folder, "templates").glob("*.json")):
+            workflow = json.loads(path.read_text(encoding="utf-8"))
+            for node in workflow.get("nodes", []) if isinstance(workflow, dict) else []:
+                for entry in (node.get("properties") or {}).get("models") or []:
+                    out.setdefault(entry["name"], {k: entry[k] for k in ("name", "url", "directory")})
+    return out
+
+
+def _note(name: str) -> str:
+    if name in WAN_DESCRIPTIONS:
+        text, model = WAN_DESCRIPTIONS[name]
+        return text + "\n\n" + WAN_MODELS_NOTE.format(model=model)
+    return DESCRIPTIONS[name] + "\n\n" + MODELS_NOTE
+
+
 def models_property(class_type: str, values: dict[str, Any]) -> list[dict[str, str]] | None:
     """``properties.models`` of a loader node: the file its widget names, where to download it, the folder.
-    A name that is not a published file (the transformer is a diffusers folder) gets its repository page."""
+
+    A file the host's own templates list gets their entry (the Wan files); a CogVideoX file gets the pack's
+    (scripts/model_files.py), and a CogVideoX transformer name that is not a published file (it is a
+    diffusers folder) its repository page. Other files (the Phantom model, published by nobody in ComfyUI
+    layout) get none rather than a wrong download."""
     if class_type not in LOADER_FILES:
         return None
     key, kind = LOADER_FILES[class_type]
     name = values.get(key)
     if not isinstance(name, str):
         return None
-    # The file the widget names (CogVideoX or Wan); else the CogVideoX repository of that kind (the
-    # transformer is a diffusers folder whose local name the user chooses).
-    d = next((d for d in (*mf.DOWNLOADS, *mf.WAN_DOWNLOADS) if d.name == name), mf.downloads(kind)[0])
-    return [{"name": name, "url": d.url, "directory": mf.FOLDERS[kind]}]
+    if name in template_models():
+        return [template_models()[name]]
+    d = next((d for d in mf.DOWNLOADS if d.name == name), None)
+    if d is None and class_type == "CustomVideoXModelLoader":
+        d = mf.downloads(kind)[0]
+    return None if d is None else [{"name": name, "url": d.url, "directory": mf.FOLDERS[kind]}]
 
 
 def file_name(folder: Path, name: str) -> str:

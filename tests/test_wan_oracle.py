@@ -37,8 +37,10 @@ class Spec:
     """Where the reference columns are, the biases, and the ERAE settings, as plain numbers."""
 
     def __init__(self, tokens: int, ref_cols: slice, video_rows: slice, col_bias: list[float], blocks: range,
-                 lam: float = 0.0, region_map: torch.Tensor | None = None, auto: tuple | None = None):
+                 lam: float = 0.0, region_map: torch.Tensor | None = None, auto: tuple | None = None,
+                 col_extra: torch.Tensor | None = None):
         self.tokens, self.ref_cols, self.video_rows = tokens, ref_cols, video_rows
+        self.col_extra = col_extra  # [B, S]: a further bias per key column (every query row), or None
         self.col_bias, self.blocks, self.lam = col_bias, blocks, lam
         self.region_map = region_map  # [B, Sv] or None
         self.auto = auto  # (map_block, entity positions) or None
@@ -49,6 +51,8 @@ class Spec:
             return bias
         for b in range(batch):
             bias[b, 0, :, self.ref_cols] += self.col_bias[b]
+            if self.col_extra is not None:
+                bias[b, 0] += self.col_extra[b]
             if self.region_map is not None and not (self.auto and block <= self.auto[0]):
                 bias[b, 0, self.video_rows, self.ref_cols] += self.lam * self.region_map[b][:, None]
         return bias
@@ -183,6 +187,114 @@ def test_strength_one_is_the_unpatched_phantom_run_bit_for_bit(host, wan_sd):
     ours = host_run(host, wan_sd, x, t, ctx, tdc=ref, opts=opts, strength=1.0, block_start=1)
     plain = host_run(host, wan_sd, x, t, ctx, tdc=ref, opts=opts)
     assert torch.equal(ours, plain)
+
+
+# --- the reference's background (subject mask on the reference images) ------------------------------
+# A frame is 4 x 5 tokens = 64 x 80 pixels. The masks are drawn at twice that scale on a wider image
+# (128 x 240): the host centre-crops the reference image to 128 x 160 (40 px off each side), so one
+# token is a 32 x 32 pixel square starting at column 40.
+MASK_H, MASK_W, CROP_X, TOKEN_PX = 128, 240, 40, 32
+
+
+def paint(mask: torch.Tensor, row: int, col: int, rows_px: int = TOKEN_PX) -> None:
+    """Fill the top ``rows_px`` pixel rows of token (row, col) of the cropped image."""
+    y, x = row * TOKEN_PX, CROP_X + col * TOKEN_PX
+    mask[y:y + rows_px, x:x + TOKEN_PX] = 1.0
+
+
+def two_subject_masks() -> tuple[torch.Tensor, list[set[tuple[int, int]]]]:
+    """Two masks and, written by hand, the tokens each one's subject covers (half a token or more)."""
+    masks = torch.zeros(2, MASK_H, MASK_W)
+    for r, c in ((1, 1), (1, 2), (2, 1), (2, 2)):
+        paint(masks[0], r, c)
+    paint(masks[0], 3, 2, rows_px=20)  # 62 % of the token: subject
+    paint(masks[0], 0, 3, rows_px=12)  # 38 %: background
+    masks[0, :, :CROP_X] = 1.0  # outside the host's crop: ignored
+    masks[0, :, MASK_W - CROP_X:] = 1.0
+    paint(masks[1], 0, 0)
+    paint(masks[1], 3, 4)
+    return masks, [{(1, 1), (1, 2), (2, 1), (2, 2), (3, 2)}, {(0, 0), (3, 4)}]
+
+
+def background_columns(subjects: list[set], first_ref_col: int, tokens: int, bias: float,
+                       rows: list[bool]) -> torch.Tensor:
+    """``[B, S]``: ``bias`` on each reference frame's tokens outside its subject, on the biased rows."""
+    out = torch.zeros(len(rows), tokens)
+    for i, subject in enumerate(subjects):
+        for r in range(H // 2):
+            for c in range(W // 2):
+                if (r, c) not in subject:
+                    out[[b for b, on in enumerate(rows) if on], first_ref_col + i * HW + r * (W // 2) + c] = bias
+    return out
+
+
+def test_phantom_reference_mask_hides_the_background_like_the_oracle(host, wan_sd):
+    x, ref, ctx, t = inputs(7, refs=2, leading=False)
+    masks, subjects = two_subject_masks()
+    ours = host_run(host, wan_sd, x, t, ctx, tdc=ref, strength=1.5, reference_mask=masks)  # default: hidden
+    video = T * HW
+    tokens = video + 2 * HW
+    spec = Spec(tokens, slice(video, None), slice(0, video), [math.log(1.5)] * 2, range(2),
+                col_extra=background_columns(subjects, video, tokens, -math.inf, [True, True]))
+    want = diffusers_run(wan_sd, torch.cat([x, ref], 2), t, ctx, spec)[:, :, :T]
+    assert torch.isfinite(ours).all()
+    assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
+    unmasked = host_run(host, wan_sd, x, t, ctx, tdc=ref, strength=1.5)
+    assert (ours - unmasked).abs().max() > 1e-2  # hiding the background is not a no-op at this size
+
+
+def test_vace_style_background_strength_with_erae_and_uncond_off_equals_oracle(host, wan_sd):
+    er = host.pack("cvx_core.entity_region")
+    x, ref, ctx, t = inputs(8, refs=1, leading=True)
+    masks, subjects = two_subject_masks()
+    region = er.EntityRegion(mode="mask", mask=torch.rand(T, H // 2, W // 2, generator=torch.Generator().manual_seed(9)),
+                             lam=1.5)
+    latent = torch.cat([ref, x], 2)
+    ours = host_run(host, wan_sd, latent, t, ctx, opts={"cond_or_uncond": [0, 1]}, strength=0.7, leading_frames=1,
+                    region=region, apply_to_uncond=False, reference_mask=masks[:1], background_strength=0.3)
+    video = T * HW
+    tokens = video + HW
+    rows = [True, False]
+    region_map = region.mask.flatten()[None].expand(2, -1).clone()
+    region_map[1] = 0  # the uncond row is left as the graph built it
+    spec = Spec(tokens, slice(0, HW), slice(HW, None), [math.log(0.7), 0.0], range(2), lam=1.5,
+                region_map=region_map, col_extra=background_columns(subjects[:1], 0, tokens, math.log(0.3), rows))
+    want = diffusers_run(wan_sd, latent, t, ctx, spec)
+    assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
+
+
+def test_full_subject_mask_and_background_strength_one_equal_no_mask_exactly(host, wan_sd):
+    x, ref, ctx, t = inputs(10, refs=2, leading=False)
+    opts = {"cond_or_uncond": [0, 1]}
+    no_mask = host_run(host, wan_sd, x, t, ctx, tdc=ref, opts=opts, strength=2.0)
+    full = host_run(host, wan_sd, x, t, ctx, tdc=ref, opts=opts, strength=2.0, reference_mask=torch.ones(1, 90, 200))
+    masks, _ = two_subject_masks()
+    one = host_run(host, wan_sd, x, t, ctx, tdc=ref, opts=opts, strength=2.0, reference_mask=masks,
+                   background_strength=1.0)
+    assert torch.equal(full, no_mask)
+    assert torch.equal(one, no_mask)
+    plain = host_run(host, wan_sd, x, t, ctx, tdc=ref, opts=opts)
+    neutral = host_run(host, wan_sd, x, t, ctx, tdc=ref, opts=opts, strength=1.0, reference_mask=torch.ones(3, 8))
+    assert torch.equal(neutral, plain)  # strength 1 and a full mask: still the unpatched model bit for bit
+
+
+def test_reference_mask_errors_name_the_node_the_input_and_the_fix(host, wan_sd):
+    import comfy.sd
+
+    x, ref, ctx, t = inputs(11, refs=2, leading=False)
+    with pytest.raises(ValueError, match=f"{NODE}: reference_mask is empty"):
+        host_run(host, wan_sd, x, t, ctx, tdc=ref, reference_mask=torch.zeros(1, 16, 16))
+    with pytest.raises(ValueError, match=f"{NODE}: reference_mask holds 3 masks but this run has 2 reference"):
+        host_run(host, wan_sd, x, t, ctx, tdc=ref, reference_mask=torch.ones(3, 16, 16))
+    only_margin = torch.zeros(2, MASK_H, MASK_W)
+    only_margin[:, :, :CROP_X] = 1.0  # the subject lies in the part the host crops away
+    only_margin[0, :TOKEN_PX, CROP_X:CROP_X + TOKEN_PX] = 1.0
+    with pytest.raises(ValueError, match=f"{NODE}: reference_mask 1 covers no token of reference frame 1.*InvertMask"):
+        host_run(host, wan_sd, x, t, ctx, tdc=ref, reference_mask=only_margin)
+    model = comfy.sd.load_diffusion_model_state_dict(dict(wan_sd))
+    with pytest.raises(ValueError, match="reference_mask has shape"):
+        host.node_classes[NODE].execute(model=model, strength=1.0, leading_frames=0, block_start=0, block_end=-1,
+                                        apply_to_uncond=True, reference_mask=torch.ones(1, 1, 4, 4))
 
 
 def test_node_errors_name_the_node_and_the_fix(host, wan_sd):

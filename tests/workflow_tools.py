@@ -37,8 +37,8 @@ WORKFLOW_NAMES = (
     "two_references",
     "erae_mask",
 )
-# API-only examples whose UI copies are still to be made (tests/test_wan_e2e.py runs them).
-API_ONLY_NAMES = ("wan_phantom_tab",)
+# Examples with their own tests (tests/test_wan_e2e.py runs them, tests/test_wan_workflows.py checks their files).
+API_ONLY_NAMES = ("wan_phantom_tab", "wan_vace_ref_tab")
 PACK_PREFIX = "CustomVideoX"
 # Node types a shipped workflow may use from the host's own node set (anything else must be the pack's).
 CORE_NODE_TYPES = {

@@ -367,3 +367,43 @@ class CVXTestNodesWithReliability(ComfyExtension):
 
 async def comfy_entrypoint() -> CVXTestNodesWithReliability:  # noqa: F811  (supersedes the entry point above)
     return CVXTestNodesWithReliability()
+
+
+# ------------------------------------------------------------------------------------------------
+# Wan test node (tests/test_wan_tokens.py, tests/test_wan_e2e.py). Appended; joins the list above.
+#
+# - CVXTestWanTokenizerClip: the host's real CLIP class with the host's real Wan umT5 tokenizer
+#   (comfy.text_encoders.wan.WanT5Tokenizer) and no text encoder. The umT5 SentencePiece model ships
+#   inside the text encoder file, not in the host tree, so the tokenizer holds the SentencePiece
+#   model the host tree does ship (comfy/text_encoders/t5_pile_tokenizer): same code path, other vocab.
+
+def wan_tokenizer_clip():
+    import comfy.sd
+    import comfy.text_encoders.wan
+
+    spiece = os.path.join(os.path.dirname(comfy.sd.__file__), "text_encoders", "t5_pile_tokenizer", "tokenizer.model")
+    with open(spiece, "rb") as f:
+        data = f.read()
+    clip = comfy.sd.CLIP.__new__(comfy.sd.CLIP)  # no text encoder: tokenizing only
+    clip.tokenizer = comfy.text_encoders.wan.WanT5Tokenizer(tokenizer_data={"spiece_model": data})
+    clip.tokenizer_options = {}
+    return clip
+
+
+class CVXTestWanTokenizerClip(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CVXTestWanTokenizerClip",
+            display_name="CVX Test Wan Tokenizer-only CLIP (test only)",
+            category="customvideox/testing",
+            inputs=[],
+            outputs=[io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(wan_tokenizer_clip())
+
+
+RELIABILITY_NODES.append(CVXTestWanTokenizerClip)
