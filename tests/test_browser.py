@@ -18,7 +18,8 @@ hover; and the TAB plot and ERAE map previews (PreviewImage / MaskPreview) rende
 
 Screenshots go to ``test-artifacts/browser/``; with ``CVX_UPDATE_SCREENSHOTS=1`` the README's screenshots
 in ``docs/screenshots/`` are rewritten too. Only where Chromium cannot be installed
-(``scripts/install_browser.sh``) does the module skip, with the reason in the summary.
+(``scripts/install_browser.sh``) does the module skip, with the reason in the summary; under ``CI=true`` it
+fails instead.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from harness.browser import (
     INSTALL_SCRIPT,
     Chromium,
     ComfyUIPage,
+    browser_required,
     find_chromium,
     save_small_png,
     tiny_ui_variant,
@@ -65,12 +67,16 @@ PACK_MODULE = f"custom_nodes.{PACK_LINK.name}"
 
 
 def _chromium_or_skip() -> str:
-    """Chromium's path; where there is none, try the installer once (``make setup`` runs it), and only where
-    that fails skip this whole module, loudly: on stderr, as a warning and in the skip summary (-ra)."""
+    """Chromium's path; where there is none, try the installer once (``make setup`` runs it). Where that fails,
+    on CI (``CI=true``) the run fails; elsewhere this whole module skips, loudly: on stderr, as a warning and
+    in the skip summary (-ra)."""
     path, why = find_chromium()
     if path is None and INSTALL_SCRIPT.is_file():
         subprocess.run(["bash", str(INSTALL_SCRIPT)], check=False, timeout=900)
         path, why = find_chromium()
+    if path is None and browser_required():
+        pytest.fail(f"BROWSER TEST FAILED: CI is set and there is no Chromium, so the web UI cannot be tested: {why}",
+                    pytrace=False)
     if path is None:
         msg = f"BROWSER TEST SKIPPED (the web UI is NOT tested): {why}"
         sys.__stderr__.write(f"\n{'!' * 100}\n!!! {msg}\n{'!' * 100}\n")
