@@ -135,6 +135,37 @@ def _assert_clean(state: dict[str, Any], what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ workflows
+def _assert_queues_api(name: str, queued: dict[str, Any], api: dict[str, Any], object_info: dict[str, Any]) -> None:
+    """The frontend's own graph-to-prompt result equals the API file: the same nodes, links and values; an
+    input the API file leaves out must be queued at the default the node's schema declares (read from
+    /object_info as is, not through the converter that wrote the UI files)."""
+    queued = _no_meta(queued)
+    assert {k: v["class_type"] for k, v in queued.items()} == {k: v["class_type"] for k, v in api.items()}, name
+    for nid, node in api.items():
+        got = queued[nid]["inputs"]
+        for key, value in node["inputs"].items():
+            assert got.get(key) == value, f"{name}: node {nid} ({node['class_type']}) input {key}: UI queues " \
+                                          f"{got.get(key)!r}, workflows/api has {value!r}"
+        info = object_info[node["class_type"]]["input"]
+        specs = {**info.get("required", {}), **info.get("optional", {})}
+        for key in set(got) - set(node["inputs"]):
+            spec = specs.get(key.split(".")[0])
+            assert spec is not None and len(spec) > 1 and "default" in spec[1], \
+                f"{name}: node {nid} queues {key}={got[key]!r}, which workflows/api and the schema lack"
+            if "." not in key:  # a dynamic combo's sub-input: its default sits in the chosen option
+                assert got[key] == spec[1]["default"], f"{name}: node {nid} {key}={got[key]!r} is not the " \
+                                                       f"schema default {spec[1]['default']!r}"
+
+
+def test_graph_to_prompt_of_every_ui_file_is_the_api_file(page: ComfyUIPage, object_info: dict[str, Any]) -> None:
+    """Each UI file (workflows/ui and the templates copy), loaded in the real web UI, queues exactly its
+    workflows/api graph according to the frontend's own ``app.graphToPrompt``."""
+    for folder in (wt.UI_DIR, wt.EXAMPLES_DIR):
+        for name in UI_WORKFLOWS:
+            page.load(wt.load_ui(name, folder), name=f"{name}.json")
+            _assert_queues_api(f"{folder.name}/{name}", page.graph_to_prompt(), wt.load_api(name), object_info)
+
+
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
 def test_workflow_loads_queues_and_shows_video(name: str, page: ComfyUIPage, server: ServerProcess,
                                                object_info: dict[str, Any], tiny_models) -> None:
@@ -158,9 +189,7 @@ def test_workflow_loads_queues_and_shows_video(name: str, page: ComfyUIPage, ser
     assert sorted(n["id"] for n in state["nodes"]) == sorted(str(n["id"]) for n in shipped["nodes"])
     assert sorted(map(tuple, state["links"])) == sorted(map(tuple, shipped["links"])), (
         f"{name}: the frontend dropped or changed links on load")
-    queued = page.graph_to_prompt()
-    assert _no_meta(queued) == _no_meta(wt.with_defaults(wt.load_api(name), object_info)), (
-        f"{name}: the prompt the web UI builds from workflows/ui differs from workflows/api")
+    _assert_queues_api(name, page.graph_to_prompt(), wt.load_api(name), object_info)
 
     # (b) the tiny variant, queued with the Run button
     tiny = tiny_ui_variant(shipped, object_info, tiny_models.unet, tiny_models.vae, save_prefix=SAVE_PREFIX,
