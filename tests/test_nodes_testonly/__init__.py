@@ -324,6 +324,21 @@ class CVXTestBadImage(io.ComfyNode):
         return io.NodeOutput(img)
 
 
+def _tokenizer_only_clip_class():
+    import comfy.sd
+
+    class TokenizerOnlyCLIP(comfy.sd.CLIP):
+        # No model patcher: the host's RAM-pressure release asks every cached output is_dynamic(), which on a
+        # real CLIP reads its patcher (a crash there kills the server's prompt worker thread).
+        def is_dynamic(self) -> bool:
+            return False
+
+    return TokenizerOnlyCLIP
+
+
+_TokenizerOnlyCLIP = _tokenizer_only_clip_class()
+
+
 class CVXTestTokenizerClip(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -340,7 +355,7 @@ class CVXTestTokenizerClip(io.ComfyNode):
         import comfy.sd
         import comfy.text_encoders.cogvideo
 
-        clip = comfy.sd.CLIP.__new__(comfy.sd.CLIP)  # no text encoder: tokenizing only
+        clip = comfy.sd.CLIP.__new__(_TokenizerOnlyCLIP)  # no text encoder: tokenizing only
         clip.tokenizer = comfy.text_encoders.cogvideo.CogVideoXTokenizer()
         clip.tokenizer_options = {}
         return io.NodeOutput(clip)
