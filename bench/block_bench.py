@@ -63,10 +63,40 @@ ATTENTION_FLAGS: dict[str, list[str]] = {
     "split": ["--use-split-cross-attention"],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Model width and token grid of a run (``FULL``: CogVideoX-5B at 480x720; ``SMOKE``: a tiny one)."""
+
+    label: str
+    heads: int
+    head_dim: int
+    time_dim: int
+    text_dim: int
+    text: int  # text tokens
+    lat_h: int
+    lat_w: int
+    patch: int = 2
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def per_frame(self) -> int:
+        return (self.lat_h // self.patch) * (self.lat_w // self.patch)
+
+    def describe(self, frames: int) -> str:
+        return (f"{self.label}: width {self.width} ({self.heads} heads x {self.head_dim}), "
+                f"{self.lat_h * 8}x{self.lat_w * 8} px -> {self.lat_h}x{self.lat_w} latent, {frames} latent "
+                f"frame(s): text {self.text} + reference {self.per_frame} + video {frames * self.per_frame} tokens")
+
+
 # CogVideoX-5B: 48 heads x 64, time embedding 512, T5 width 4096; 480x720 -> 60x90 latent -> 30x45 tokens.
-HEADS, HEAD_DIM, TIME_DIM, TEXT_DIM, TEXT = 48, 64, 512, 4096, 226
-LAT_H, LAT_W, PATCH = 60, 90, 2
-PER_FRAME = (LAT_H // PATCH) * (LAT_W // PATCH)
+FULL = Geometry("CogVideoX-5B", 48, 64, 512, 4096, 226, 60, 90)
+# --smoke: the same code path at a size that runs in seconds, so a refactor that breaks a bench fails the suite.
+SMOKE = Geometry("smoke (tiny, not a measurement)", 2, 64, 64, 32, 16, 8, 10)
 
 
 # ---------------------------------------------------------------- host + pack loading (shared by bench/*)
@@ -143,6 +173,14 @@ class PeakTracker(TorchDispatchMode):
         return out
 
 
+_T0 = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (the tables stay on stdout), with the wall time since start."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -160,23 +198,25 @@ def time_rows(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, devi
     now = clock(device)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(warmup + repeats):
-        for name, fn in fns.items():
+        label = f"warmup round {r + 1}/{warmup}" if r < warmup else f"round {r + 1 - warmup}/{repeats}"
+        for i, (name, fn) in enumerate(fns.items()):
             sync(device)
             t0 = now()
             fn()
             sync(device)
+            progress(f"{label}, row {i + 1}/{len(fns)} {name}: {(now() - t0) * 1e3:.0f} ms")
             if r >= warmup:
                 times[name].append(now() - t0)
     return times
 
 
-def block_flops(batch: int, nq: int, nk: int, width: int = HEADS * HEAD_DIM, attn_channels: int = HEAD_DIM,
-                time_dim: int = TIME_DIM) -> float:
+def block_flops(geo: Geometry, batch: int, nq: int, nk: int, attn_channels: int | None = None) -> float:
     """The FLOP model in the module docstring."""
+    width = geo.width
     proj = 4 * 2 * nq * width * width
-    attn = 2 * 2 * nq * nk * width * attn_channels / HEAD_DIM
+    attn = 2 * 2 * nq * nk * width * (attn_channels or geo.head_dim) / geo.head_dim
     ff = 2 * 2 * nq * width * 4 * width
-    ada = 2 * 2 * time_dim * 6 * width
+    ada = 2 * 2 * geo.time_dim * 6 * width
     return batch * (proj + attn + ff + ada)
 
 
@@ -196,14 +236,15 @@ def random_init(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
-def build_dit(dtype: torch.dtype, device: torch.device, layers: int = 1, seed: int = 0) -> torch.nn.Module:
-    """A host CogVideoX DiT at 5B width with ``layers`` blocks (the benchmark times ``blocks[0]``)."""
+def build_dit(geo: Geometry, dtype: torch.dtype, device: torch.device, layers: int = 1, seed: int = 0
+              ) -> torch.nn.Module:
+    """A host CogVideoX DiT of ``geo``'s width with ``layers`` blocks (the benchmark times ``blocks[0]``)."""
     import comfy.ops
     from comfy.ldm.cogvideo.model import CogVideoXTransformer3DModel
 
     dm = CogVideoXTransformer3DModel(
-        num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=16, out_channels=16,
-        time_embed_dim=TIME_DIM, text_embed_dim=TEXT_DIM, num_layers=layers, patch_size=PATCH,
+        num_attention_heads=geo.heads, attention_head_dim=geo.head_dim, in_channels=16, out_channels=16,
+        time_embed_dim=geo.time_dim, text_embed_dim=geo.text_dim, num_layers=layers, patch_size=geo.patch,
         use_rotary_positional_embeddings=True, dtype=dtype, operations=comfy.ops.disable_weight_init)
     random_init(dm, seed)
     return dm.to(device).eval()
@@ -235,7 +276,7 @@ class Case:
     fn: Callable[[], torch.Tensor]
     nq: int
     nk: int
-    attn_channels: int = HEAD_DIM
+    attn_channels: int | None = None  # None: the head dim (no ERAE fold)
     mode: str = "unpatched"
     erae: bool = False
     state: Any = None
@@ -245,29 +286,30 @@ class Case:
 class BlockBench:
     """Builds the rows' inputs through the pack's wrapper, for one geometry."""
 
-    def __init__(self, frames: int, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, geo: Geometry, frames: int, batch: int, dtype: torch.dtype, device: torch.device,
+                 seed: int = 0) -> None:
         self.rp = pack_module("nodes.reference_patch")
         self.er = pack_module("cvx_core.entity_region")
         self.tab = pack_module("cvx_core.tab_schedule")
-        self.frames, self.batch, self.dtype, self.device = frames, batch, dtype, device
-        self.dm = build_dit(dtype, device, seed=seed)
+        self.geo, self.frames, self.batch, self.dtype, self.device = geo, frames, batch, dtype, device
+        self.dm = build_dit(geo, dtype, device, seed=seed)
         # What add_object_patch(ROTARY_ATTR, RotaryPatch) does on a patched clone.
         self.dm._get_rotary_emb = self.rp.RotaryPatch(self.dm, "exact")
         self.block = self.dm.blocks[0]
         g = torch.Generator().manual_seed(seed + 1)
-        self.x = torch.randn(batch, 16, frames, LAT_H, LAT_W, generator=g).to(device, dtype)
-        self.context = torch.randn(batch, TEXT, TEXT_DIM, generator=g).to(device, dtype)
-        self.ref = torch.randn(1, 16, 1, LAT_H, LAT_W, generator=g)
+        self.x = torch.randn(batch, 16, frames, geo.lat_h, geo.lat_w, generator=g).to(device, dtype)
+        self.context = torch.randn(batch, geo.text, geo.text_dim, generator=g).to(device, dtype)
+        self.ref = torch.randn(1, 16, 1, geo.lat_h, geo.lat_w, generator=g)
         self.timestep = torch.full((batch,), 500.0, device=device)
-        mask = torch.zeros(1, LAT_H * 8, LAT_W * 8)
-        mask[:, 120:360, 240:480] = 1.0  # the subject's box
+        mask = torch.zeros(1, geo.lat_h * 8, geo.lat_w * 8)
+        mask[:, geo.lat_h * 2:geo.lat_h * 6, geo.lat_w * 8 // 3:geo.lat_w * 16 // 3] = 1.0  # the subject's box
         self.region_mask = mask
         self.ref_stream_seconds = float("nan")
         self.ref_kv_bytes = 0
 
     @property
     def video(self) -> int:
-        return self.frames * PER_FRAME
+        return self.frames * self.geo.per_frame
 
     def entry(self, mode: str, erae: str | None = None, apply_to_uncond: bool = True) -> Any:
         region = None
@@ -287,7 +329,7 @@ class BlockBench:
             "sigmas": sample_sigmas[steps // 2: steps // 2 + 1],
             "sample_sigmas": sample_sigmas,
             "cond_or_uncond": cond_or_uncond,
-            self.rp.RUN_KEY: {},  # the per-run cache an OUTER_SAMPLE wrapper would own
+            self.rp.RUN_KEY: self.rp.RunCache(),  # the per-run cache an OUTER_SAMPLE wrapper would own
             "optimized_attention_override": self.rp.AttentionOverride(None),
         }
 
@@ -304,7 +346,8 @@ class BlockBench:
             self.rp.diffusion_wrapper(ex, x, ts, ctx, None, self.options(entries, cou) if entries else {})
             wrapper_s = now() - t0
             hidden = self.dm.patch_embed(ctx, ex.x.permute(0, 2, 1, 3, 4))
-            enc, hid = hidden[:, :TEXT].contiguous(), hidden[:, TEXT:].contiguous()
+            text = self.geo.text
+            enc, hid = hidden[:, :text].contiguous(), hidden[:, text:].contiguous()
             temb = self.rp._timestep_embedding(self.dm, ts, self.dtype)
         opts, rot = ex.opts, ex.rot
         state = opts.get(self.rp.STATE_KEY)
@@ -322,7 +365,7 @@ class BlockBench:
         return call, state, opts
 
     def cases(self) -> list[Case]:
-        B, St, R, Sv = self.batch, TEXT, PER_FRAME, self.video
+        St, R, Sv, d = self.geo.text, self.geo.per_frame, self.video, self.geo.head_dim
         out = []
         call, _, _ = self.prepare([])
         out.append(Case("unpatched", call, St + Sv, St + Sv))
@@ -331,10 +374,9 @@ class BlockBench:
             for erae in (None, "mask"):
                 call, state, _ = self.prepare([self.entry(mode, erae)])
                 out.append(Case(f"{label} TAB" + ("+ERAE" if erae else ""), call, nq, St + R + Sv,
-                                HEAD_DIM + (8 if erae else 0), mode, bool(erae), state))
+                                d + (8 if erae else 0), mode, bool(erae), state))
         call, state, _ = self.prepare([self.entry("two_way", "auto")])
-        out.append(Case("ERAE map block (2-way)", call, St + R + Sv, St + R + Sv, HEAD_DIM, "two_way", True, state))
-        del B
+        out.append(Case("ERAE map block (2-way)", call, St + R + Sv, St + R + Sv, d, "two_way", True, state))
         return out
 
 
@@ -349,16 +391,18 @@ def run_block_table(bench: BlockBench, repeats: int, warmup: int, memory: bool) 
     cases = bench.cases()
     times = time_rows({c.name: c.fn for c in cases}, repeats, warmup, bench.device)
     elt = torch.finfo(bench.dtype).bits // 8
-    B, St, R, Sv, C = bench.batch, TEXT, PER_FRAME, bench.video, HEADS * HEAD_DIM
+    geo = bench.geo
+    B, St, R, Sv, C = bench.batch, geo.text, geo.per_frame, bench.video, geo.width
     peaks: dict[str, tuple[int, tuple[int, ...]]] = {}
     if memory:
-        for c in cases:
+        for i, c in enumerate(cases):
+            progress(f"memory pass, row {i + 1}/{len(cases)} {c.name}")
             with PeakTracker() as tr:
                 c.fn()
             peaks[c.name] = (tr.peak, tr.largest)
     base_t = statistics.median(times["unpatched"])
     base_min = min(times["unpatched"])
-    base_f = block_flops(B, St + Sv, St + Sv)
+    base_f = block_flops(geo, B, St + Sv, St + Sv)
     base_peak = peaks.get("unpatched", (0, ()))[0]
     print(f"{'row':26s} {'Nq':>6s} {'Nk':>6s} {'ms':>9s} {'min-max ms':>15s} {'ratio':>6s} {'ideal':>6s} "
           f"{'meas/id':>7s} {'r(min)':>6s} {'extraMB':>8s} {'idealMB':>8s}  largest tensor")
@@ -366,7 +410,7 @@ def run_block_table(bench: BlockBench, repeats: int, warmup: int, memory: bool) 
     for c in cases:
         t = statistics.median(times[c.name])
         ratio = t / base_t
-        ideal = block_flops(B, c.nq, c.nk) / base_f + (B * c.nq * R / base_f if c.erae else 0.0)
+        ideal = block_flops(geo, B, c.nq, c.nk) / base_f + (B * c.nq * R / base_f if c.erae else 0.0)
         bias = B * (St + R + Sv) * elt
         if c.mode == "two_way":
             ideal_mem = base_peak * R / (St + Sv) + bias
@@ -417,14 +461,18 @@ def summarize(res: dict[str, dict[str, float]], bench: BlockBench, blocks: int, 
 
 
 def run_batching(bench: BlockBench, repeats: int, warmup: int) -> None:
-    """Item 4: cond+uncond in one batch, reference not applied to uncond: the masked batched call vs
-    running the uncond row without reference tokens (unpatched) and the cond row patched."""
+    """cond+uncond in one batch, reference not applied to uncond: the masked batched call vs running the
+    uncond row without reference tokens (unpatched) and the cond row patched (what the pack does)."""
     assert bench.batch == 2
     print("\nBatching (B=2: row 0 cond, row 1 uncond, apply_to_uncond off)")
     fns: dict[str, Callable[[], torch.Tensor]] = {}
     outs: dict[str, torch.Tensor] = {}
     for mode in ("two_way", "one_way"):
-        batched, _, _ = bench.prepare([bench.entry(mode, apply_to_uncond=False)], cond_or_uncond=[0, 1])
+        # One B=2 call with the uncond row's reference columns at -inf (the pack runs such batches split:
+        # reference_patch._split_rows), built from a cond+cond batch whose row 1 bias is then switched off.
+        batched, state, _ = bench.prepare([bench.entry(mode)], cond_or_uncond=[0, 1])
+        state.row_bias[1] = -math.inf
+        state.masks.clear()
         cond, _, _ = bench.prepare([bench.entry(mode, apply_to_uncond=False)], rows=slice(0, 1),
                                    cond_or_uncond=[0])
         uncond, _, _ = bench.prepare([], rows=slice(1, 2))
@@ -439,17 +487,18 @@ def run_batching(bench: BlockBench, repeats: int, warmup: int) -> None:
     fns["unpatched B=2"] = base
     times = time_rows(fns, repeats, warmup, bench.device)
     t0 = statistics.median(times["unpatched B=2"])
-    St, R, Sv = TEXT, PER_FRAME, bench.video
+    geo = bench.geo
+    St, R, Sv = geo.text, geo.per_frame, bench.video
     print(f"{'row':24s} {'ms':>9s} {'ratio':>6s} {'ideal':>6s}  max|split - batched|")
     for name, ts in times.items():
         mode = name.split()[0]
         t = statistics.median(ts)
         nq = St + R + Sv if mode == "two_way" else St + Sv
         if name.endswith("batched+masked"):
-            ideal = block_flops(2, nq, St + R + Sv) / block_flops(2, St + Sv, St + Sv)
+            ideal = block_flops(geo, 2, nq, St + R + Sv) / block_flops(geo, 2, St + Sv, St + Sv)
         elif name.endswith("split"):
-            ideal = (block_flops(1, nq, St + R + Sv) + block_flops(1, St + Sv, St + Sv)) / block_flops(
-                2, St + Sv, St + Sv)
+            ideal = (block_flops(geo, 1, nq, St + R + Sv) + block_flops(geo, 1, St + Sv, St + Sv)) / block_flops(
+                geo, 2, St + Sv, St + Sv)
         else:
             ideal = 1.0
         diff = ""
@@ -476,19 +525,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: CPU time is then exact; 0 = torch's default)")
     ap.add_argument("--no-memory", action="store_true", help="skip the (slow) memory pass")
-    ap.add_argument("--batching", action="store_true", help="also the item-4 batching comparison (B=2)")
+    ap.add_argument("--batching", action="store_true", help="also the cond+uncond batching comparison (B=2)")
     ap.add_argument("--only-batching", action="store_true", help="only the batching comparison")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny width and grid through the same code (seconds; checks the bench runs, measures nothing)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     boot_host(args.attention, cpu=device.type == "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    bench = BlockBench(args.frames, 2 if args.only_batching else args.batch, dtype, device)
-    print(f"block bench: CogVideoX-5B block width {HEADS * HEAD_DIM} ({HEADS} heads x {HEAD_DIM}), "
-          f"480x720 -> {LAT_H}x{LAT_W} latent, {args.frames} latent frame(s): text {TEXT} + reference "
-          f"{PER_FRAME} + video {bench.video} tokens, batch {bench.batch}, {args.dtype}, median of "
+    geo = SMOKE if args.smoke else FULL
+    progress(f"building the {geo.label} block and the rows' inputs ({args.frames} latent frame(s))")
+    bench = BlockBench(geo, args.frames, 2 if args.only_batching else args.batch, dtype, device)
+    print(f"block bench: {geo.describe(args.frames)}, batch {bench.batch}, {args.dtype}, median of "
           f"{args.repeats} (+{args.warmup} warmup), TAB at progress 0.5 (bias 1.0), ERAE lambda 1; "
           f"times are {'process CPU time' if device.type == 'cpu' else 'wall time'}")
     print(environment_line(device))
@@ -496,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run_block_table(bench, args.repeats, args.warmup, not args.no_memory)
         summarize(res, bench, args.blocks, args.steps)
     if args.batching or args.only_batching:
-        bb = bench if bench.batch == 2 else BlockBench(args.frames, 2, dtype, device)
+        bb = bench if bench.batch == 2 else BlockBench(geo, args.frames, 2, dtype, device)
         run_batching(bb, args.repeats, args.warmup)
 
 

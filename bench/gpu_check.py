@@ -1,4 +1,4 @@
-"""GPU check (issue 7 item 5): what a float key-column mask costs SDPA on a GPU, and the alternatives.
+"""GPU check: what a float key-column mask costs SDPA on a GPU, and the alternatives.
 
 On a CUDA device, at CogVideoX-5B attention geometry (48 heads x 64, 226 text + 1,350 reference + video
 tokens for 480x720 at ``--frames`` latent frames, bf16), it times and names the backend of:
@@ -15,9 +15,11 @@ tokens for 480x720 at ``--frames`` latent frames, bf16), it times and names the 
 
 The backend SDPA picks is read from the profiler's kernel names. Outputs of the alternatives are compared
 with the masked SDPA call (max |diff|). Without CUDA it says so, runs the LSE-merge equality check on the
-CPU at a small size (the CPU flash kernel also returns the log-sum-exp), and exits 0.
+CPU at a small size (the CPU flash kernel also returns the log-sum-exp), and exits 0. ``--smoke`` runs the
+whole table at a tiny size on whatever device there is (the CPU here): it checks the script runs, it
+measures nothing.
 
-Run: ``.venv/bin/python bench/gpu_check.py [--frames 13] [--batch 2] [--dtype bf16]``.
+Run: ``.venv/bin/python bench/gpu_check.py [--frames 13] [--batch 2] [--dtype bf16] [--smoke]``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from cvx_core.reference_attention import reference_attention_lse  # noqa: E402
 from cvx_core.token_layout import TokenLayout  # noqa: E402
 
 HEADS, HEAD_DIM, TEXT, PER_FRAME = 48, 64, 226, 1350
+SMOKE_HEADS, SMOKE_TEXT, SMOKE_PER_FRAME = 2, 16, 20  # --smoke: 2 heads x 64, 16 text and 20 tokens per frame
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -78,10 +81,17 @@ def cpu_equality_check() -> float:
     return worst
 
 
-def backend_of(fn: Callable[[], torch.Tensor]) -> str:
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def backend_of(fn: Callable[[], torch.Tensor], dev: torch.device) -> str:
     """The attention kernels a call launches, from the CUDA profiler's kernel names."""
     from torch.profiler import ProfilerActivity, profile
 
+    if dev.type != "cuda":
+        return dev.type
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
@@ -92,15 +102,15 @@ def backend_of(fn: Callable[[], torch.Tensor]) -> str:
     return "+".join(found) or "?"
 
 
-def bench(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+def bench(fn: Callable[[], torch.Tensor], repeats: int, dev: torch.device) -> float:
     fn()
-    torch.cuda.synchronize()
+    sync(dev)
     ts = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync(dev)
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync(dev)
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
@@ -126,64 +136,75 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--mode", choices=["two_way", "one_way"], default="two_way")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the whole table at a tiny size on any device (checks the script runs, measures nothing)")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}")
     if not torch.cuda.is_available():
         err = cpu_equality_check()
         print(f"no CUDA GPU here: nothing measured. CPU check: LSE merge vs dense float64 softmax (TAB, TAB+ERAE, "
               f"one row off) max |diff| {err:.2e} ({'ok' if err < 1e-4 else 'MISMATCH'})")
-        return 0 if err < 1e-4 else 1
+        if err >= 1e-4 or not args.smoke:
+            return 0 if err < 1e-4 else 1
+    return measure(args)
 
+
+def measure(args: argparse.Namespace) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    dev, dtype = torch.device("cuda"), DTYPES[args.dtype]
-    B, H, D = args.batch, HEADS, HEAD_DIM
-    video, ref = args.frames * PER_FRAME, PER_FRAME
-    sk = TEXT + ref + video
-    sq = sk if args.mode == "two_way" else TEXT + video
-    print(f"device {torch.cuda.get_device_name(dev)}, {args.dtype}, B={B}, {H} heads x {D}, {args.mode}: "
-          f"Sq {sq}, Sk {sk} (text {TEXT}, reference {ref}, video {video}); median of {args.repeats}")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if dev.type == "cpu" else DTYPES[args.dtype]
+    H, text, per_frame = (SMOKE_HEADS, SMOKE_TEXT, SMOKE_PER_FRAME) if args.smoke else (HEADS, TEXT, PER_FRAME)
+    frames, repeats = (2, 1) if args.smoke else (args.frames, args.repeats)
+    B, D = args.batch, HEAD_DIM
+    video, ref = frames * per_frame, per_frame
+    sk = text + ref + video
+    sq = sk if args.mode == "two_way" else text + video
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"device {name}{' (smoke: tiny size, not a measurement)' if args.smoke else ''}, {dtype}, B={B}, "
+          f"{H} heads x {D}, {args.mode}: Sq {sq}, Sk {sk} (text {text}, reference {ref}, video {video}); "
+          f"median of {repeats}")
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(B, H, sq, D, device=dev, dtype=dtype, generator=g)
     k = torch.randn(B, H, sk, D, device=dev, dtype=dtype, generator=g)
     v = torch.randn(B, H, sk, D, device=dev, dtype=dtype, generator=g)
     bias = torch.tensor([1.0] + [-math.inf] * (B - 1), device=dev)  # row 0 cond (bias 1), others reference off
     mask = torch.zeros(B, 1, 1, sk, device=dev, dtype=dtype)
-    mask[:, 0, 0, TEXT:TEXT + ref] = bias.to(dtype)[:, None]
+    mask[:, 0, 0, text:text + ref] = bias.to(dtype)[:, None]
     region = torch.rand(B, video, device=dev, generator=g)
-    q0 = torch.cat([q[:, :, :TEXT], q[:, :, sq - video:]], dim=2)
-    k0 = torch.cat([k[:, :, :TEXT], k[:, :, TEXT + ref:]], dim=2)
-    v0 = torch.cat([v[:, :, :TEXT], v[:, :, TEXT + ref:]], dim=2)
-    qf, kf, vf = fold(q, k, v, TEXT, ref, region)
+    q0 = torch.cat([q[:, :, :text], q[:, :, sq - video:]], dim=2)
+    k0 = torch.cat([k[:, :, :text], k[:, :, text + ref:]], dim=2)
+    v0 = torch.cat([v[:, :, :text], v[:, :, text + ref:]], dim=2)
+    qf, kf, vf = fold(q, k, v, text, ref, region)
 
     rows: dict[str, Callable[[], torch.Tensor]] = {
         "plain [text|video]": lambda: F.scaled_dot_product_attention(q0, k0, v0),
         "plain [text|ref|video]": lambda: F.scaled_dot_product_attention(q, k, v),
         "column mask (TAB)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
         "fold (TAB+ERAE)": lambda: F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask)[..., :D],
-        "fold copies only": lambda: fold(q, k, v, TEXT, ref, region)[0],
-        "LSE merge (TAB)": lambda: lse_merge(q, k, v, TEXT, ref, bias),
-        "LSE merge (TAB+ERAE)": lambda: lse_merge(q, k, v, TEXT, ref, bias, region),
+        "fold copies only": lambda: fold(q, k, v, text, ref, region)[0],
+        "LSE merge (TAB)": lambda: lse_merge(q, k, v, text, ref, bias),
+        "LSE merge (TAB+ERAE)": lambda: lse_merge(q, k, v, text, ref, bias, region),
     }
     with torch.no_grad():
         base = None
         want = {"column mask (TAB)": rows["column mask (TAB)"](), "fold (TAB+ERAE)": rows["fold (TAB+ERAE)"]()}
         print(f"{'call':28s} {'ms':>8s} {'ratio':>6s}  backend (profiler)         max|diff| vs masked SDPA")
         for name, fn in rows.items():
-            t = bench(fn, args.repeats)
+            t = bench(fn, repeats, dev)
             base = base or t
             diff = ""
             if name == "LSE merge (TAB)":
                 diff = f"{(fn().float() - want['column mask (TAB)'].float()).abs().max().item():.2e}"
             elif name == "LSE merge (TAB+ERAE)":
                 diff = f"{(fn().float() - want['fold (TAB+ERAE)'].float()).abs().max().item():.2e}"
-            print(f"{name:28s} {t * 1e3:8.2f} {t / base:6.3f}  {backend_of(fn):26s} {diff}")
+            print(f"{name:28s} {t * 1e3:8.2f} {t / base:6.3f}  {backend_of(fn, dev):26s} {diff}")
         print("masked call with one backend forced:")
         for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                    SDPBackend.MATH):
             try:
                 with sdpa_kernel([be]):
-                    t = bench(rows["column mask (TAB)"], args.repeats)
+                    t = bench(rows["column mask (TAB)"], repeats, dev)
                 print(f"  {be.name:24s} {t * 1e3:8.2f} ms  {t / base:6.3f}")
             except RuntimeError as e:  # "No available kernel" or out of memory
                 print(f"  {be.name:24s} not available: {str(e).splitlines()[0][:90]}")

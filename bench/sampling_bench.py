@@ -33,10 +33,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from block_bench import boot_host, environment_line, pack_module  # noqa: E402
+from block_bench import boot_host, environment_line, pack_module, progress  # noqa: E402
 
 TIMED = ("progress_from_sigmas", "_row_bias", "column_bias", "ForwardState", "TokenLayout", "mask_to_token_map",
          "refine_map", "entity_map_from_attention", "reference_stream_kv", "_one_way_kv")
+# The auto ERAE row takes its map from this block, and later blocks use it: the model needs more blocks.
+MAP_BLOCK = 2
+MIN_LAYERS = MAP_BLOCK + 2
+# --smoke: the minimum model and run, through the same code (seconds; checks the bench runs, measures nothing).
+SMOKE = {"layers": MIN_LAYERS, "steps": 2, "runs": 1, "frames": 1}
 
 
 class Timers:
@@ -75,7 +80,8 @@ def configs(pk) -> dict[str, dict[str, Any]]:
         "two-way TAB+ERAE mask": dict(attention_mode="two_way", schedule=tab,
                                       region=pk.er.EntityRegion(mode="mask", mask=mask)),
         "two-way TAB+ERAE auto": dict(attention_mode="two_way", schedule=tab,
-                                      region=pk.er.EntityRegion(mode="auto", entity_idx=(3, 4), map_block=2)),
+                                      region=pk.er.EntityRegion(mode="auto", entity_idx=(3, 4),
+                                                                map_block=MAP_BLOCK)),
         "one-way TAB": dict(attention_mode="one_way", schedule=tab),
         "one-way TAB+ERAE mask": dict(attention_mode="one_way", schedule=tab,
                                       region=pk.er.EntityRegion(mode="mask", mask=mask)),
@@ -117,13 +123,23 @@ def instrument(pk, model, ref: torch.Tensor, timers: Timers, **kw: Any):
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=42, help="DiT blocks (42 = CogVideoX-5B)")
+    ap.add_argument("--layers", type=int, default=42,
+                    help=f"DiT blocks (42 = CogVideoX-5B; at least {MIN_LAYERS}: the auto ERAE row maps at block "
+                         f"{MAP_BLOCK})")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--runs", type=int, default=5, help="timed runs per config (median), after one warmup")
     ap.add_argument("--frames", type=int, default=3, help="latent frames (8x10 latent, 4x5 tokens per frame)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: tiny ops are latency-bound; 2 threads on a shared CPU add ms of jitter)")
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"the minimum run ({', '.join(f'--{k} {v}' for k, v in SMOKE.items())}): checks the bench "
+                         f"runs, measures nothing")
     args = ap.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
+    if args.layers < MIN_LAYERS:
+        ap.error(f"--layers {args.layers} is too few: the auto ERAE row computes its map in block {MAP_BLOCK} and "
+                 f"applies it to the blocks after it, so the model needs at least {MIN_LAYERS} blocks")
     boot_host()
     torch.set_num_threads(args.threads)
     import comfy.sample
@@ -146,11 +162,14 @@ def main(argv: list[str] | None = None) -> None:
     models = {"unpatched": model} | {name: patched(pk, model, ref, **kw) for name, kw in cfgs.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
     for r in range(args.runs + 1):  # interleaved; round 0 is warmup
-        for name, m in models.items():
+        for i, (name, m) in enumerate(models.items()):
             t0 = time.process_time()
             run(m)
+            dt = time.process_time() - t0
+            progress(f"{f'run {r}/{args.runs}' if r else 'warmup'}, config {i + 1}/{len(models)} {name}: "
+                     f"{dt * 1e3:.0f} ms")
             if r:
-                times[name].append(time.process_time() - t0)
+                times[name].append(dt)
     print(f"sampling bench: tiny native CogVideoX (host class, 2 heads x 64, {args.layers} blocks), latent "
           f"16x{args.frames}x8x10 (text 226 + reference 20 + video {args.frames * 20} tokens), euler, "
           f"{args.steps} steps, cfg 2 (one model call per step, B=2), median of {args.runs} runs; process CPU time")
@@ -166,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     header = ["wrapper self", "w/o ref strm", "override self", "override/blk"] + list(TIMED) + ["ref passes"]
     print(f"{'config':24s} " + " ".join(f"{h[:13]:>13s}" for h in header))
     summary = []
-    for name, kw in cfgs.items():
+    for i, (name, kw) in enumerate(cfgs.items()):
+        progress(f"instrumented run, config {i + 1}/{len(cfgs)} {name}")
         timers = Timers()
         run(instrument(pk, model, ref, timers, **kw))  # warmup
         timers = Timers()

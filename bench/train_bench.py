@@ -55,18 +55,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from block_bench import (  # noqa: E402
     ATTENTION_FLAGS,
     DTYPES,
-    HEAD_DIM,
-    HEADS,
-    LAT_H,
-    LAT_W,
-    PER_FRAME,
-    TEXT,
-    TEXT_DIM,
-    TIME_DIM,
+    FULL,
+    SMOKE,
+    Geometry,
     boot_host,
     clock,
     environment_line,
     pack_module,
+    progress,
     sync,
 )
 
@@ -74,13 +70,13 @@ ROWS = ("base forward (no ref)", "forward (no grad)", "train step, ckpt on", "tr
 BASELINE = "forward (no grad)"
 
 
-def build_model(blocks: int, dtype: torch.dtype, seed: int = 0):
-    """A host ModelPatcher of a 5B-width CogVideoX 1.0 DiT with ``blocks`` blocks and random weights."""
+def build_model(geo: Geometry, blocks: int, dtype: torch.dtype, seed: int = 0):
+    """A host ModelPatcher of a CogVideoX 1.0 DiT of ``geo``'s width with ``blocks`` blocks and random weights."""
     import comfy.sd
     import tiny_models as tm  # scripts/, on sys.path after boot_host
 
-    config = {**tm.TINY_CONFIG_1_0, "num_attention_heads": HEADS, "attention_head_dim": HEAD_DIM,
-              "time_embed_dim": TIME_DIM, "text_embed_dim": TEXT_DIM, "num_layers": blocks}
+    config = {**tm.TINY_CONFIG_1_0, "num_attention_heads": geo.heads, "attention_head_dim": geo.head_dim,
+              "time_embed_dim": geo.time_dim, "text_embed_dim": geo.text_dim, "num_layers": blocks}
     sd = tm.build_native_state_dict(config, seed=seed)
     model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
     if model is None:
@@ -116,7 +112,7 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
 class TrainBench:
     """The patched model, one cached sample and the four row calls."""
 
-    def __init__(self, blocks: int, frames: int, dtype: torch.dtype, rank: int, alpha: float,
+    def __init__(self, geo: Geometry, blocks: int, frames: int, dtype: torch.dtype, rank: int, alpha: float,
                  targets: tuple[str, ...], seed: int = 0) -> None:
         import comfy.model_management as mm
 
@@ -127,7 +123,7 @@ class TrainBench:
         ta = pack_module("nodes.train_adapter")
         rb = pack_module("nodes.reference_block")
         t0 = time.perf_counter()
-        self.model = build_model(blocks, dtype, seed)
+        self.model = build_model(geo, blocks, dtype, seed)
         shapes = lora_mod.block_target_shapes(rb.module_shapes(self.model), targets)
         self.lora = lora_mod.init_adapter(shapes, rank, alpha, seed=seed)
         self.model_fn, self.device, self.dtype, self.acp = ta.training_model_fn(self.model, self.lora)
@@ -140,10 +136,10 @@ class TrainBench:
             text_drop=0.0, gradient_checkpointing=flag, checkpoint_every=0, timestep_min=500, timestep_max=500)
             for flag in (True, False)}
         g = torch.Generator().manual_seed(seed + 1)
-        sample = {"latent": torch.randn(1, 16, frames, LAT_H, LAT_W, generator=g),
-                  "reference": torch.randn(1, 16, 1, LAT_H, LAT_W, generator=g),
-                  "text": torch.randn(1, TEXT, TEXT_DIM, generator=g)}
-        self.data = ds.CachedDataset([sample], torch.zeros(1, TEXT, TEXT_DIM), [])
+        sample = {"latent": torch.randn(1, 16, frames, geo.lat_h, geo.lat_w, generator=g),
+                  "reference": torch.randn(1, 16, 1, geo.lat_h, geo.lat_w, generator=g),
+                  "text": torch.randn(1, geo.text, geo.text_dim, generator=g)}
+        self.data = ds.CachedDataset([sample], torch.zeros(1, geo.text, geo.text_dim), [])
         # The forward rows' inputs, made as train_adapter makes them (t = 500, v-prediction noising).
         x_t, _ = self.tr.v_target(sample["latent"], torch.randn(sample["latent"].shape, generator=g), self.acp[500])
         self.inputs = (x_t.to(self.device, self.dtype), torch.tensor([500.0], device=self.device),
@@ -219,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch threads (default 1: CPU time is then exact; 0 = torch's default)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory pass")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny width and grid through the same code (seconds; checks the bench runs, measures nothing)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     boot_host(args.attention, cpu=device.type == "cpu")
@@ -228,12 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     targets = lora_mod.DEFAULT_TARGETS if args.targets == "attention" else lora_mod.TARGETS
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     warmup = args.warmup if args.warmup is not None else (1 if args.no_memory else 0)
-    bench = TrainBench(args.blocks, args.frames, DTYPES[args.dtype], args.rank, args.alpha, targets)
-    video = args.frames * PER_FRAME
-    print(f"train bench: {args.blocks} CogVideoX-5B-width block(s) ({HEADS} heads x {HEAD_DIM} = "
-          f"{HEADS * HEAD_DIM}, random weights, host CogVideoXTransformer3DModel), 480x720 -> {LAT_H}x{LAT_W} "
-          f"latent, {args.frames} latent frame(s) + 1 reference frame: text {TEXT} + reference {PER_FRAME} + "
-          f"video {video} tokens, batch 1, model {args.dtype} ({bench.dtype}), LoRA fp32 rank {args.rank} alpha "
+    geo = SMOKE if args.smoke else FULL
+    progress(f"building {args.blocks} {geo.label} block(s) and the training patch")
+    bench = TrainBench(geo, args.blocks, args.frames, DTYPES[args.dtype], args.rank, args.alpha, targets)
+    print(f"train bench: {args.blocks} block(s) of random weights (host CogVideoXTransformer3DModel), "
+          f"{geo.describe(args.frames)} + 1 reference frame, batch 1, model {args.dtype} ({bench.dtype}), LoRA fp32 rank {args.rank} alpha "
           f"{args.alpha} on {','.join(targets)} of the reference rows ({bench.lora_params:,} parameters), AdamW; "
           f"median of {args.repeats} timed rounds after {'the memory round + ' if not args.no_memory else ''}{warmup} "
           f"warmup round(s); times are "
@@ -243,12 +240,15 @@ def main(argv: list[str] | None = None) -> None:
     fns = bench.rows()
     peaks: dict[str, int] = {}
     if not args.no_memory:  # also the first (warmup) round
-        for name, fn in fns.items():
+        for i, (name, fn) in enumerate(fns.items()):
+            progress(f"memory round, row {i + 1}/{len(fns)} {name}")
             peaks[name] = peak_bytes(fn, bench.device)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(warmup + args.repeats):
-        for name, fn in fns.items():
+        label = f"warmup round {r + 1}/{warmup}" if r < warmup else f"round {r + 1 - warmup}/{args.repeats}"
+        for i, (name, fn) in enumerate(fns.items()):
             t = bench.timed(name, fn)
+            progress(f"{label}, row {i + 1}/{len(fns)} {name}: {t:.2f} s")
             if r >= warmup:
                 times[name].append(t)
     shutil.rmtree(bench.out_dir, ignore_errors=True)

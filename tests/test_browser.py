@@ -18,7 +18,8 @@ hover; and the TAB plot and ERAE map previews (PreviewImage / MaskPreview) rende
 
 Screenshots go to ``test-artifacts/browser/``; with ``CVX_UPDATE_SCREENSHOTS=1`` the README's screenshots
 in ``docs/screenshots/`` are rewritten too. Only where Chromium cannot be installed
-(``scripts/install_browser.sh``) does the module skip, with the reason in the summary.
+(``scripts/install_browser.sh``) does the module skip, with the reason in the summary; under ``CI=true`` it
+fails instead.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from harness.browser import (
     INSTALL_SCRIPT,
     Chromium,
     ComfyUIPage,
+    browser_required,
     find_chromium,
     save_small_png,
     tiny_ui_variant,
@@ -65,12 +67,16 @@ PACK_MODULE = f"custom_nodes.{PACK_LINK.name}"
 
 
 def _chromium_or_skip() -> str:
-    """Chromium's path; where there is none, try the installer once (``make setup`` runs it), and only where
-    that fails skip this whole module, loudly: on stderr, as a warning and in the skip summary (-ra)."""
+    """Chromium's path; where there is none, try the installer once (``make setup`` runs it). Where that fails,
+    on CI (``CI=true``) the run fails; elsewhere this whole module skips, loudly: on stderr, as a warning and
+    in the skip summary (-ra)."""
     path, why = find_chromium()
     if path is None and INSTALL_SCRIPT.is_file():
         subprocess.run(["bash", str(INSTALL_SCRIPT)], check=False, timeout=900)
         path, why = find_chromium()
+    if path is None and browser_required():
+        pytest.fail(f"BROWSER TEST FAILED: CI is set and there is no Chromium, so the web UI cannot be tested: {why}",
+                    pytrace=False)
     if path is None:
         msg = f"BROWSER TEST SKIPPED (the web UI is NOT tested): {why}"
         sys.__stderr__.write(f"\n{'!' * 100}\n!!! {msg}\n{'!' * 100}\n")
@@ -129,6 +135,37 @@ def _assert_clean(state: dict[str, Any], what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ workflows
+def _assert_queues_api(name: str, queued: dict[str, Any], api: dict[str, Any], object_info: dict[str, Any]) -> None:
+    """The frontend's own graph-to-prompt result equals the API file: the same nodes, links and values; an
+    input the API file leaves out must be queued at the default the node's schema declares (read from
+    /object_info as is, not through the converter that wrote the UI files)."""
+    queued = _no_meta(queued)
+    assert {k: v["class_type"] for k, v in queued.items()} == {k: v["class_type"] for k, v in api.items()}, name
+    for nid, node in api.items():
+        got = queued[nid]["inputs"]
+        for key, value in node["inputs"].items():
+            assert got.get(key) == value, f"{name}: node {nid} ({node['class_type']}) input {key}: UI queues " \
+                                          f"{got.get(key)!r}, workflows/api has {value!r}"
+        info = object_info[node["class_type"]]["input"]
+        specs = {**info.get("required", {}), **info.get("optional", {})}
+        for key in set(got) - set(node["inputs"]):
+            spec = specs.get(key.split(".")[0])
+            assert spec is not None and len(spec) > 1 and "default" in spec[1], \
+                f"{name}: node {nid} queues {key}={got[key]!r}, which workflows/api and the schema lack"
+            if "." not in key:  # a dynamic combo's sub-input: its default sits in the chosen option
+                assert got[key] == spec[1]["default"], f"{name}: node {nid} {key}={got[key]!r} is not the " \
+                                                       f"schema default {spec[1]['default']!r}"
+
+
+def test_graph_to_prompt_of_every_ui_file_is_the_api_file(page: ComfyUIPage, object_info: dict[str, Any]) -> None:
+    """Each UI file (workflows/ui and the templates copy), loaded in the real web UI, queues exactly its
+    workflows/api graph according to the frontend's own ``app.graphToPrompt``."""
+    for folder in (wt.UI_DIR, wt.EXAMPLES_DIR):
+        for name in UI_WORKFLOWS:
+            page.load(wt.load_ui(name, folder), name=f"{name}.json")
+            _assert_queues_api(f"{folder.name}/{name}", page.graph_to_prompt(), wt.load_api(name), object_info)
+
+
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
 def test_workflow_loads_queues_and_shows_video(name: str, page: ComfyUIPage, server: ServerProcess,
                                                object_info: dict[str, Any], tiny_models) -> None:
@@ -152,9 +189,7 @@ def test_workflow_loads_queues_and_shows_video(name: str, page: ComfyUIPage, ser
     assert sorted(n["id"] for n in state["nodes"]) == sorted(str(n["id"]) for n in shipped["nodes"])
     assert sorted(map(tuple, state["links"])) == sorted(map(tuple, shipped["links"])), (
         f"{name}: the frontend dropped or changed links on load")
-    queued = page.graph_to_prompt()
-    assert _no_meta(queued) == _no_meta(wt.with_defaults(wt.load_api(name), object_info)), (
-        f"{name}: the prompt the web UI builds from workflows/ui differs from workflows/api")
+    _assert_queues_api(name, page.graph_to_prompt(), wt.load_api(name), object_info)
 
     # (b) the tiny variant, queued with the Run button
     tiny = tiny_ui_variant(shipped, object_info, tiny_models.unet, tiny_models.vae, save_prefix=SAVE_PREFIX,

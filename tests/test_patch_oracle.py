@@ -110,3 +110,47 @@ def test_lse_attention_switch_equals_the_default_path(host, tiny_models, monkeyp
         outs[path] = patched_forward(host, model, raw_ref, x, t, ctx, strength=2.0, attention_mode=mode,
                                      reference_rope="negative", region=region)[1]
     assert torch.allclose(outs["lse"], outs["mask"], atol=1e-5), (outs["lse"] - outs["mask"]).abs().max()
+
+
+@pytest.mark.parametrize("kind,config,frames", [("native_1_0", tm.TINY_CONFIG_1_0, 3),
+                                                ("native_1_5", tm.TINY_CONFIG_1_5, 4)])
+def test_default_placement_with_finite_bias_equals_diffusers(host, tiny_models, request, kind, config, frames):
+    """What users get: the default reference placement (temporal index -1, the video at 0..T-1), two-way (the
+    reference's own query rows included) and a finite bias (strength 2), against diffusers' transformer with
+    the reference as extra frames, positions from diffusers' RoPE builder and the bias in a processor of this
+    test (tests/diffusers_oracle.py)."""
+    import comfy.sd
+    from diffusers_oracle import ReferenceBiasProcessor, with_reference_at_minus_one
+
+    strength = 2.0
+    model = comfy.sd.load_diffusion_model_state_dict(tiny_models.native_state_dict(kind))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 16, frames, 8, 10, generator=g)
+    raw_ref = torch.randn(1, 16, 1, 8, 10, generator=g)
+    ctx = torch.randn(2, 226, 32, generator=g)
+    t = torch.tensor([600.0, 600.0])
+    apply_defaults = {p.id: p.default for p in host.node_classes["CustomVideoXApply"].define_schema().inputs
+                      if p.id in ("reference_rope", "attention_mode")}
+    assert apply_defaults == {"reference_rope": "negative", "attention_mode": "two_way"}, apply_defaults
+    patched, ours = patched_forward(host, model, raw_ref, x, t, ctx, strength=strength, **apply_defaults)
+
+    p_t = config.get("patch_size_t") or 1
+    ref = patched.model.latent_format.process_in(raw_ref).repeat(1, 1, p_t, 1, 1).expand(2, -1, -1, -1, -1)
+    per_frame = (8 // 2) * (10 // 2)
+    rot = with_reference_at_minus_one(tm.diffusers_rotary_emb(config, frames, 8, 10), per_frame)
+    peer = tm.build_diffusers_model(tiny_models.native_state_dict(kind), config)
+    peer.set_attn_processor(ReferenceBiasProcessor(math.log(strength), per_frame))
+    with torch.no_grad():
+        want = peer(hidden_states=torch.cat([ref, x], dim=2).permute(0, 2, 1, 3, 4), encoder_hidden_states=ctx,
+                    timestep=t, image_rotary_emb=rot, return_dict=False)[0].permute(0, 2, 1, 3, 4)[:, :, p_t:]
+    diff = float((ours - want).abs().max())
+    request.node.user_properties.append(("max_abs_diff", diff))
+    print(f"\n{kind}: patched host model (default placement, strength {strength}) vs diffusers: max |diff| {diff:.2e}")
+    assert ours.shape == x.shape
+    assert diff < 2e-5, diff
+    # The oracle can tell: the reference changes the output, and placing it at index 0 instead changes it too.
+    rot_shift = tm.diffusers_rotary_emb(config, frames + p_t, 8, 10)
+    with torch.no_grad():
+        shifted = peer(hidden_states=torch.cat([ref, x], dim=2).permute(0, 2, 1, 3, 4), encoder_hidden_states=ctx,
+                       timestep=t, image_rotary_emb=rot_shift, return_dict=False)[0].permute(0, 2, 1, 3, 4)[:, :, p_t:]
+    assert float((shifted - want).abs().max()) > 100 * max(diff, 1e-7)

@@ -14,6 +14,7 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+from diffusers_oracle import with_reference_at_minus_one
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cvx_core import rope
@@ -122,6 +123,21 @@ def test_exact_rope_table_equals_diffusers_at_native_and_other_grids():
             assert torch.allclose(ours[0], theirs[0], atol=1e-6) and torch.allclose(ours[1], theirs[1], atol=1e-6)
 
 
+def test_reference_at_minus_one_rope_table_equals_diffusers_positions():
+    """The pack's table with the default reference placement equals the one built from diffusers' RoPE."""
+    for patch_t in (None, 2):
+        m = tiny_transformer(patch_t)
+        for h, w in ((6, 8), (4, 5)):
+            ours = our_rope(m, h, w, 1, 3)
+            theirs = with_reference_at_minus_one(diffusers_rope(m, h, w, 3), h * w)
+            assert torch.allclose(ours[0], theirs[0], atol=1e-6) and torch.allclose(ours[1], theirs[1], atol=1e-6)
+
+
+def reference_rope(m, h: int, w: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle's positions: one reference token frame at index -1, from diffusers' RoPE builder."""
+    return with_reference_at_minus_one(diffusers_rope(m, h, w, frames), h * w)
+
+
 def test_host_rope_positions_differ_for_cogvideox_1_0():
     hp, _ = rope.spatial_positions(6, 8, temporal_patch=False, spatial="host", base_hw=(6, 8))
     ep, _ = rope.spatial_positions(6, 8, temporal_patch=False, spatial="exact", base_hw=(6, 8))
@@ -136,7 +152,7 @@ def test_reference_off_equals_stock_diffusers(setup):
     off = torch.full((2, 1), -math.inf)
     ours = run(m, torch.cat([ref, video], 1), text,
                Processor(lambda q, k, v: reference_attention(q, k, v, layout, off)),
-               our_rope(m, h, w, 1, t_tok))
+               reference_rope(m, h, w, t_tok))
     assert torch.allclose(ours[:, ref.shape[1]:], stock, atol=1e-5), (ours[:, ref.shape[1]:] - stock).abs().max()
 
 
@@ -145,7 +161,7 @@ def test_reference_off_equals_stock_diffusers(setup):
 def test_finite_bias_equals_dense_attention(setup, bias, with_region):
     m, video, ref, text, layout, (h, w, t_tok) = setup
     x = torch.cat([ref, video], 1)
-    rot = our_rope(m, h, w, 1, t_tok)
+    rot = reference_rope(m, h, w, t_tok)
     ref_bias = torch.tensor([[bias], [bias - 0.5]])
     region = torch.rand(2, 1, layout.video, generator=torch.Generator().manual_seed(3)) * 2 if with_region else None
     ours = run(m, x, text, Processor(lambda q, k, v: reference_attention(q, k, v, layout, ref_bias, region)), rot)

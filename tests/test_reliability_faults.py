@@ -84,60 +84,163 @@ def assert_host_rotary(dm) -> None:
     assert fn is type(dm)._get_rotary_emb, f"an object patch is still applied: {dm._get_rotary_emb!r}"
 
 
-@pytest.mark.parametrize("fault", ["interrupt", "raise"])
-def test_fault_inside_the_patch_leaves_nothing_behind(host, tiny_models, fault: str) -> None:
+# ------------------------------------------------------------------------------ faults at every stage
+# Where each stage's fault fires (test-only injectors: tests/test_nodes_testonly; graphs: stage_prompt).
+STAGES = {
+    "attention call 1": "the recorder under the pack's override raises / sets the interrupt flag at block 1 of step 1",
+    "sampling step 2": "the same at block 1 of step 2 (after a whole step ran and left its state)",
+    "one-way reference pass": "block 1 of the pack's one-way reference pass (block 0's K/V already captured)",
+    "ERAE auto map": "the auto map computation of step 2 (reading the entity positions)",
+    "reference VAE encode": "the VAE's encode inside CustomVideoXReferenceEncode",
+    "adapter loader": "CustomVideoXAdapterLoader, while it patches block 1's class (block 0 patched)",
+}
+ADAPTER, FAULT, REGION, CLIP = "adapter", "fault", "region", "clip"
+LORA_NAME = "cvx_fault_adapter.safetensors"
+
+
+@pytest.fixture(scope="module")
+def fault_lora(tiny_models) -> str:
+    """A reference_only adapter for the tiny model in models/loras (both hosts read that folder)."""
+    from test_adapters import random_pairs, write_layout
+
+    loras = tiny_models.models_dir / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    return write_layout("native", random_pairs(3), loras, LORA_NAME.removesuffix(".safetensors"))
+
+
+def stage_prompt(tiny_models, stage: str, lora: str, fault: dict[str, Any] | None,
+                 save_name: str = "stage") -> tuple[dict[str, Any], str]:
+    """(the stage's graph, the node a fault there is reported at); ``fault`` ({"kind", "tag"}) inserts the
+    stage's injector. Every graph carries a recorder with a fresh tag (so the host re-runs the sampler)."""
+    apply_inputs = {"attention_mode": "one_way"} if stage == "one-way reference pass" else {}
+    p = rg.patched_prompt(tiny_models, save_name=save_name, apply_inputs=apply_inputs)
+    inj = None if fault is None else {"kind": fault["kind"], "tag": fault["tag"], "at": 1}
+    node = SAMPLER
+    if stage == "ERAE auto map":
+        p[CLIP] = {"class_type": "CVXTestTokenizerClip", "inputs": {}}
+        p[REGION] = {"class_type": "CustomVideoXEntityRegion", "inputs": {
+            "mode": "auto", "lam": 2.0, "map_block": 0, "refine": "soft", "top_k": 0.25, "smooth": 0,
+            "prompt": "a corgi runs on the beach", "subject_words": "corgi", "clip": [CLIP, 0]}}
+        p[rg.APPLY]["inputs"]["region"] = [REGION, 0]
+        if inj:
+            p[FAULT] = {"class_type": "CVXTestFaultyRegion", "inputs": {"region": [REGION, 0], **inj, "at": 2}}
+            p[rg.APPLY]["inputs"]["region"] = [FAULT, 0]
+    elif stage == "reference VAE encode":
+        if inj:
+            p[FAULT] = {"class_type": "CVXTestFaultyVAE", "inputs": {"vae": [rg.VAE_ID, 0], **inj}}
+            p[rg.ENC]["inputs"]["vae"] = [FAULT, 0]
+        node = rg.ENC
+    elif stage == "adapter loader":
+        p = rg.insert_model_node(p, ADAPTER, {"class_type": "CustomVideoXAdapterLoader", "inputs": {
+            "lora_name": lora, "strength": 1.0, "mode": "reference_only"}}, after=graphs.MODEL)
+        if inj:
+            p = rg.insert_model_node(p, FAULT, {"class_type": "CVXTestFaultyPatcher", "inputs": {**inj, "at": 2}},
+                                     after=graphs.MODEL)
+        node = ADAPTER
+    elif stage == "one-way reference pass" and inj:
+        p = rg.insert_model_node(p, FAULT, {"class_type": "CVXTestFaultyBlock", "inputs": inj}, after=graphs.MODEL)
+    rec: dict[str, Any] = {}
+    if inj and stage in ("attention call 1", "sampling step 2"):
+        call = 1 if stage == "attention call 1" else 3  # 2 blocks, cond and uncond in one call: 2 calls a step
+        rec = {"fail_at_call": call} if fault["kind"] == "raise" else {"interrupt_at_call": call}
+    return with_recorder(p, fault["tag"] if fault else tag(), **rec), node
+
+
+def model_outputs(host, prompt: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(node id, MODEL) of every node of ``prompt`` whose cached output is a ModelPatcher."""
+    import comfy.model_patcher
+
+    out = []
+    for nid in prompt:
+        entry = host.loop.run_until_complete(host.executor.caches.outputs.get(nid))
+        if entry is not None and entry.outputs and entry.outputs[0]:
+            value = entry.outputs[0][0]
+            if isinstance(value, comfy.model_patcher.ModelPatcher):
+                out.append((nid, value))
+    return out
+
+
+def assert_host_blocks(dm) -> None:
+    from comfy.ldm.cogvideo.model import CogVideoXBlock
+
+    classes = [type(b) for b in dm.blocks]
+    assert all(c is CogVideoXBlock for c in classes), f"a block class patch is still applied: {classes}"
+
+
+@pytest.mark.parametrize("kind", ["raise", "interrupt"])
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_fault_at_every_stage_leaves_nothing_behind(host, tiny_models, fault_lora, stage: str, kind: str) -> None:
+    """A fault (exception or the host's interrupt) at ``stage``: the host reports it at the right node, nothing
+    the run built stays referenced, no model keeps run state or a patch on the shared DiT, and the next prompt
+    gives what a run before the fault gave."""
     import comfy.model_management as mm
     import execution
 
     rp = pack(host, "nodes.reference_patch")
     rec = recorder_module(host)
-    p = rg.patched_prompt(tiny_models, strength=2.0, save_name="fault")
-    baseline = host.run(with_recorder(p, tag()), capture=[SAMPLER]).output(SAMPLER)["samples"].clone()
+    baseline_prompt, _ = stage_prompt(tiny_models, stage, fault_lora, None)
+    baseline = host.run(baseline_prompt, capture=[SAMPLER]).output(SAMPLER)["samples"].clone()
 
     t = tag()
-    kw = {"interrupt_at_call": 1} if fault == "interrupt" else {"fail_at_call": 1}
-    prompt = with_recorder(p, t, **kw)
+    prompt, node = stage_prompt(tiny_models, stage, fault_lora, {"kind": kind, "tag": t})
     FAULTS["injected"] += 1
     pid = str(uuid.uuid4())
-    valid, _, outputs, _ = host.loop.run_until_complete(execution.validate_prompt(pid, prompt, None))
-    assert valid
+    valid, err, outputs, _ = host.loop.run_until_complete(execution.validate_prompt(pid, prompt, None))
+    assert valid, err
     ex = host.executor
     host.loop.run_until_complete(ex.execute_async(prompt, pid, {}, outputs))
     assert not ex.success
     events = {ev: d for ev, d in ex.status_messages}
-    if fault == "interrupt":
+    if kind == "interrupt":
         assert "execution_interrupted" in events, ex.status_messages
-        assert events["execution_interrupted"]["node_id"] == SAMPLER
+        assert events["execution_interrupted"]["node_id"] == node, events["execution_interrupted"]
     else:
-        err = events.get("execution_error") or {}
-        assert err.get("node_id") == SAMPLER and "injected fault" in err.get("exception_message", ""), err
-    # It stopped inside the first model call (block 1 of step 1), not after sampling.
-    assert len(rec.RECORDS[t]) == 2, rec.RECORDS[t]
+        e = events.get("execution_error") or {}
+        assert e.get("node_id") == node and "injected fault" in e.get("exception_message", ""), e
+    assert not mm.processing_interrupted()
+    calls = rec.RECORDS.get(t, [])
+    if stage in ("attention call 1", "sampling step 2"):
+        # It stopped at that call: block 1 of step 1, or block 1 of step 2 (a lower sigma than step 1's).
+        n = 2 if stage == "attention call 1" else 4
+        assert len(calls) == n, calls
+        if stage == "sampling step 2":
+            assert calls[3]["sigma"] < calls[0]["sigma"], calls
+    else:
+        assert rec.FIRED.get(t, "").startswith("the "), f"the {stage} fault never fired: {rec.FIRED}"
+    if stage == "ERAE auto map":
+        assert len(calls) == 2, calls  # step 1 ran whole; step 2 stopped at its map, before its first attention
 
     # Nothing the run built stays referenced: the pack's per-run cache, forward state, masks, device copies.
-    refs = rec.RUN_WEAKREFS[t]
-    assert refs, "the recorder saw no pack state"
+    refs = rec.RUN_WEAKREFS.get(t, [])
+    if stage not in ("reference VAE encode", "adapter loader"):  # those fail before any model call
+        assert refs, "the injectors saw no pack state"
     del events, ex
     gc.collect()
     # The MODEL's own entries (its reference latents, owned by the cached CustomVideoXApply output) are not
     # run state: everything else the run's forward state and cache reached must be gone.
-    entries = cached_output(host, rg.APPLY).model_options["transformer_options"][rp.ENTRIES_KEY]
-    owned = {id(e) for e in entries} | {id(e.latent) for e in entries}
+    models = model_outputs(host, prompt)
+    owned = {id(x) for _, m in models
+             for e in m.model_options.get("transformer_options", {}).get(rp.ENTRIES_KEY) or ()
+             for x in (e, e.latent, e.schedule, e.region, getattr(e.region, "mask", None))}
     alive = [type(r()).__name__ for r in refs if r() is not None and id(r()) not in owned]
     assert not alive, f"{len(alive)} per-run objects outlived the failed run: {alive[:8]}"
     assert rp._ref_frames.get() == (0, "negative")
-    for nid in (graphs.MODEL, "rec", rg.APPLY):
-        opts = cached_output(host, nid).model_options.get("transformer_options", {})
+    assert models, "no MODEL output is cached"
+    for nid, m in models:
+        opts = m.model_options.get("transformer_options", {})
         assert rp.RUN_KEY not in opts and rp.STATE_KEY not in opts, (nid, sorted(map(str, opts)))
-    # The shared DiT gets the host's own RoPE builder back when the user's plain model is loaded.
+    # The shared DiT gets the host's own RoPE builder and block classes back when the plain model is loaded.
     base = cached_output(host, graphs.MODEL)
+    assert not any(str(k).startswith("customvideox") for k in base.model_options.get("transformer_options", {}))
     mm.load_models_gpu([base])
     assert_host_rotary(base.model.diffusion_model)
+    assert_host_blocks(base.model.diffusion_model)
     # The next prompt gives what it gave before the fault.
-    after = host.run(with_recorder(p, tag()), capture=[SAMPLER]).output(SAMPLER)["samples"]
+    after_prompt, _ = stage_prompt(tiny_models, stage, fault_lora, None)
+    after = host.run(after_prompt, capture=[SAMPLER]).output(SAMPLER)["samples"]
     assert torch.equal(after, baseline), (after - baseline).abs().max()
     FAULTS["survived"] += 1
-    FAULTS["kinds"][f"in-process {fault} at attention call 1"] = "survived"
+    FAULTS["kinds"][f"in-process {kind} in {stage}"] = "survived"
 
 
 def live_tensors() -> tuple[int, int]:
@@ -186,7 +289,10 @@ def fresh_server(tmp_path_factory, tiny_models, tiny_models_dir: Path) -> Iterat
 
 def server_latent(srv: ServerProcess, prompt: dict[str, Any], save_name: str) -> torch.Tensor:
     pid = srv.post_prompt(prompt)
-    srv.wait_history(pid, timeout=120)
+    try:
+        srv.wait_history(pid, timeout=300)
+    except TimeoutError as err:
+        raise AssertionError(f"{save_name}: {err}\n{srv.log_tail()}") from err
     return torch.load(srv.env.output_dir / "cvx_test_tensors" / f"{save_name}_latent.pt")
 
 
@@ -242,6 +348,38 @@ def test_server_interrupt_and_fault_then_same_output_as_fresh(fresh_server: Serv
     FAULTS["survived"] += 2
     FAULTS["kinds"]["server POST /interrupt while paused inside the patch"] = "survived"
     FAULTS["kinds"]["server exception inside the patch"] = "survived"
+
+
+def test_server_faults_at_every_stage_then_same_output(fresh_server: ServerProcess, tiny_models, fault_lora) -> None:
+    """On the server: for each stage, a run before the faults, an exception and an interrupt there (each
+    reported at its node), then the same graph again gives exactly the first run's output."""
+    srv = fresh_server
+    for stage in STAGES:
+        name = stage.replace(" ", "_").replace("-", "_")
+        before_prompt, node = stage_prompt(tiny_models, stage, fault_lora, None, save_name=f"srv_{name}_before")
+        before = server_latent(srv, before_prompt, f"srv_{name}_before")
+        for kind in ("raise", "interrupt"):
+            prompt, _ = stage_prompt(tiny_models, stage, fault_lora, {"kind": kind, "tag": tag()},
+                                     save_name=f"srv_{name}_{kind}")
+            FAULTS["injected"] += 1
+            try:
+                with pytest.raises(HostRunError) as e:
+                    srv.wait_history(srv.post_prompt(prompt), timeout=300)
+            except TimeoutError as err:
+                raise AssertionError(f"{kind} in {stage}: {err}\n{srv.log_tail()}") from err
+            msg = str(e.value)
+            if kind == "raise":
+                assert "injected fault" in msg, msg
+            else:
+                assert "execution_interrupted" in msg, msg
+            assert f"'node_id': '{node}'" in msg or f'"node_id": "{node}"' in msg, (node, msg)
+            assert not (srv.env.output_dir / "cvx_test_tensors" / f"srv_{name}_{kind}_latent.pt").exists()
+        after_prompt, _ = stage_prompt(tiny_models, stage, fault_lora, None, save_name=f"srv_{name}_after")
+        after = server_latent(srv, after_prompt, f"srv_{name}_after")
+        assert torch.equal(after, before), (stage, (after - before).abs().max())
+        FAULTS["survived"] += 2
+        for kind in ("raise", "interrupt"):
+            FAULTS["kinds"][f"server {kind} in {stage}"] = "survived"
 
 
 def test_twenty_prompts_memory_and_determinism(fresh_server: ServerProcess, tiny_models, request) -> None:

@@ -199,43 +199,6 @@ def ui_widget_names(info: dict[str, Any], values_by_name: dict[str, Any]) -> lis
     return names
 
 
-def ui_to_api(ui: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any]:
-    """The API-format prompt the web UI would queue for the UI-format workflow ``ui`` (widgets by schema
-    order, links from the links array); UI-only nodes are dropped. Raises on an inconsistent file."""
-    links = {lk[0]: lk for lk in ui["links"]}
-    prompt: dict[str, Any] = {}
-    for node in ui["nodes"]:
-        if node["type"] in UI_ONLY_TYPES:
-            continue
-        info = object_info[node["type"]]
-        widget_values = list(node.get("widgets_values") or [])
-        # Dynamic combos: a widget's option decides the names that follow, so read the values in order.
-        names: list[str] = []
-        by_name: dict[str, Any] = {}
-        while True:
-            names = ui_widget_names(info, by_name)
-            by_name = dict(zip(names, widget_values))
-            if ui_widget_names(info, by_name) == names:
-                break
-        if len(names) != len(widget_values):
-            raise ValueError(f"node {node['id']} ({node['type']}): {len(widget_values)} widget values for "
-                             f"{len(names)} widgets {names}")
-        inputs: dict[str, Any] = {n: v for n, v in by_name.items() if n not in ("control_after_generate", "upload")}
-        for slot, entry in enumerate(node.get("inputs", [])):
-            if entry.get("link") is None:
-                continue
-            lk = links[entry["link"]]
-            if lk[3] != node["id"] or lk[4] != slot:
-                raise ValueError(f"link {lk[0]} targets node {lk[3]} slot {lk[4]}, but node {node['id']} "
-                                 f"input {slot} ({entry['name']}) names it")
-            inputs[entry["name"]] = [str(lk[1]), lk[2]]
-        api_node: dict[str, Any] = {"class_type": node["type"], "inputs": inputs}
-        if node.get("title"):
-            api_node["_meta"] = {"title": node["title"]}
-        prompt[str(node["id"])] = api_node
-    return prompt
-
-
 def check_ui(ui: dict[str, Any], object_info: dict[str, Any]) -> list[str]:
     """Every way the UI-format ``ui`` disagrees with the node schemas: unknown node types, widget value
     counts that do not match the schema, links whose ends or types do not match the nodes' slots."""

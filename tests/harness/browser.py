@@ -46,6 +46,13 @@ class BrowserError(RuntimeError):
     pass
 
 
+def browser_required(environ: dict[str, str] | None = None) -> bool:
+    """Whether a missing Chromium must fail the run: on CI (``CI`` set to a true value, as every CI service
+    sets it), where a skipped browser test would pass unseen. A local run skips, loudly."""
+    value = (os.environ if environ is None else environ).get("CI", "")
+    return value.strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def find_chromium() -> tuple[str | None, str]:
     """(path, '') when a runnable Chromium is here, else (None, why not)."""
     path = CHROMIUM if os.path.isabs(CHROMIUM) else shutil.which(CHROMIUM)

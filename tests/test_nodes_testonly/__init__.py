@@ -156,6 +156,16 @@ def _weak_objects(obj, depth: int = 3, seen: set | None = None) -> list:
     return out
 
 
+def track_run_objects(tag: str, opts: dict, *extra) -> None:
+    """Weak references (under ``tag``) to the per-run objects in the pack's keys of ``opts``, and to ``extra``."""
+    refs = RUN_WEAKREFS.setdefault(tag, [])
+    for key in opts:
+        # The entries belong to the MODEL, not to the run.
+        if isinstance(key, str) and key.startswith("customvideox") and key != "customvideox_entries":
+            refs += [weakref.ref(o) for o in _weak_objects(opts[key])]
+    refs += [weakref.ref(o) for x in extra for o in _weak_objects(x)]
+
+
 class RecordingOverride:
     def __init__(self, tag: str, prev, fail_at: int, interrupt_at: int, pause_at: int, marker: str | None):
         self.tag, self.prev = tag, prev
@@ -170,12 +180,11 @@ class RecordingOverride:
         mask = kwargs.get("mask")
         opts = kwargs.get("transformer_options") or {}
         pack_keys = sorted(key for key in opts if isinstance(key, str) and key.startswith("customvideox"))
+        sigmas = opts.get("sigmas")
         calls.append({"call": n, "q": tuple(q.shape), "k": tuple(k.shape),
-                      "mask": None if mask is None else tuple(mask.shape), "pack_keys": pack_keys})
-        refs = RUN_WEAKREFS.setdefault(self.tag, [])
-        for key in pack_keys:
-            if key != "customvideox_entries":  # the entries belong to the MODEL, not to the run
-                refs += [weakref.ref(o) for o in _weak_objects(opts[key])]
+                      "mask": None if mask is None else tuple(mask.shape), "pack_keys": pack_keys,
+                      "sigma": None if sigmas is None else float(sigmas.max())})
+        track_run_objects(self.tag, opts)
         if n == self.fail_at:
             raise CVXTestFault(f"CVXTestAttentionRecorder: injected fault at attention call {n}")
         if n == self.interrupt_at:
@@ -315,6 +324,21 @@ class CVXTestBadImage(io.ComfyNode):
         return io.NodeOutput(img)
 
 
+def _tokenizer_only_clip_class():
+    import comfy.sd
+
+    class TokenizerOnlyCLIP(comfy.sd.CLIP):
+        # No model patcher: the host's RAM-pressure release asks every cached output is_dynamic(), which on a
+        # real CLIP reads its patcher (a crash there kills the server's prompt worker thread).
+        def is_dynamic(self) -> bool:
+            return False
+
+    return TokenizerOnlyCLIP
+
+
+_TokenizerOnlyCLIP = _tokenizer_only_clip_class()
+
+
 class CVXTestTokenizerClip(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -331,7 +355,7 @@ class CVXTestTokenizerClip(io.ComfyNode):
         import comfy.sd
         import comfy.text_encoders.cogvideo
 
-        clip = comfy.sd.CLIP.__new__(comfy.sd.CLIP)  # no text encoder: tokenizing only
+        clip = comfy.sd.CLIP.__new__(_TokenizerOnlyCLIP)  # no text encoder: tokenizing only
         clip.tokenizer = comfy.text_encoders.cogvideo.CogVideoXTokenizer()
         clip.tokenizer_options = {}
         return io.NodeOutput(clip)
@@ -353,9 +377,173 @@ class CVXTestAnyString(io.ComfyNode):
         return io.NodeOutput(value)
 
 
+# ------------------------------------------------------------------------------------------------
+# Fault injectors, one per stage of a run (tests/test_reliability_faults.py). Each fires once, at its
+# ``at``-th use, either ``raise`` (CVXTestFault) or ``interrupt``: the host's interrupt flag (what POST
+# /interrupt sets) and then the host's own check, which raises InterruptProcessingException there, as the
+# host's progress hook does inside any long operation.
+# - CVXTestFaultyBlock: a MODEL whose block 1 fires inside the pack's one-way reference pass (a class patch
+#   of the block, applied by the host's object patches like the pack's adapter blocks; the main pass is
+#   untouched).
+# - CVXTestFaultyRegion: an ERAE region whose entity positions fire when the auto map is computed from them.
+# - CVXTestFaultyVAE: a VAE whose encode fires (the reference encode).
+# - CVXTestFaultyPatcher: a MODEL whose clones fire when a block's class is patched (the adapter loader).
+
+import copy  # noqa: E402
+import functools  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+from comfy.ldm.cogvideo.model import CogVideoXBlock  # noqa: E402
+
+FAULT_KEY = "cvx_test_fault"  # transformer_options key of a FaultSpec
+FAULT_KINDS = ["raise", "interrupt"]
+FIRED: dict[str, str] = {}  # tag -> where its fault fired
+# Set by the pack in the block options of its one-way reference pass (nodes/reference_patch.py).
+REFERENCE_STREAM_KEY = "customvideox_reference_stream"
+
+
+@dataclass
+class FaultSpec:
+    kind: str
+    where: str
+    tag: str
+    at: int
+    uses: int = 0
+
+    def use(self) -> None:
+        import comfy.model_management as mm
+
+        self.uses += 1
+        if self.uses != self.at:
+            return
+        FIRED[self.tag] = self.where
+        if self.kind == "raise":
+            raise CVXTestFault(f"injected fault in {self.where} (use {self.at})")
+        mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+
+def _fault_inputs() -> list:
+    return [io.Combo.Input("kind", options=FAULT_KINDS, default="raise"),
+            io.Int.Input("at", default=1, min=1, max=10**6, tooltip="fire at this use (1 = the first)"),
+            io.String.Input("tag", default="fault")]
+
+
+class FaultBlock(CogVideoXBlock):
+    """The host's block; in the pack's one-way reference pass it first uses the model's FaultSpec."""
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, transformer_options=None):
+        opts = transformer_options or {}
+        spec = opts.get(FAULT_KEY)
+        if isinstance(spec, FaultSpec) and opts.get(REFERENCE_STREAM_KEY):
+            track_run_objects(spec.tag, opts, hidden_states, encoder_hidden_states, temb, image_rotary_emb)
+            spec.use()
+        return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, transformer_options)
+
+
+class CVXTestFaultyBlock(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(node_id="CVXTestFaultyBlock", display_name="CVX Test Faulty Block (test only)",
+                         category="customvideox/testing", inputs=[io.Model.Input("model"), *_fault_inputs()],
+                         outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model, kind: str, at: int, tag: str) -> io.NodeOutput:
+        m = model.clone()
+        m.model_options.setdefault("transformer_options", {})[FAULT_KEY] = FaultSpec(
+            kind, "the one-way reference pass (block 1)", tag, at)
+        m.add_object_patch("diffusion_model.blocks.1.__class__", FaultBlock)
+        return io.NodeOutput(m)
+
+
+class _FaultyPositions(Sequence):
+    """Entity token positions; reading them all (iterating) is one use."""
+
+    def __init__(self, positions: Sequence[int], spec: FaultSpec) -> None:
+        self.positions, self.spec = tuple(positions), spec
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        return self.positions[i]
+
+    def __iter__(self):
+        self.spec.use()
+        return iter(self.positions)
+
+
+class CVXTestFaultyRegion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(node_id="CVXTestFaultyRegion", display_name="CVX Test Faulty Region (test only)",
+                         category="customvideox/testing",
+                         inputs=[io.Custom("CVX_REGION").Input("region"), *_fault_inputs()],
+                         outputs=[io.Custom("CVX_REGION").Output()])
+
+    @classmethod
+    def execute(cls, region, kind: str, at: int, tag: str) -> io.NodeOutput:
+        if region.mode != "auto":
+            raise ValueError("CVXTestFaultyRegion needs an auto-mode region (its map is computed while sampling)")
+        r = copy.copy(region)
+        spec = FaultSpec(kind, "the ERAE auto map computation", tag, at)
+        object.__setattr__(r, "entity_idx", _FaultyPositions(region.entity_idx, spec))
+        return io.NodeOutput(r)
+
+
+class CVXTestFaultyVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(node_id="CVXTestFaultyVAE", display_name="CVX Test Faulty VAE (test only)",
+                         category="customvideox/testing", inputs=[io.Vae.Input("vae"), *_fault_inputs()],
+                         outputs=[io.Vae.Output()])
+
+    @classmethod
+    def execute(cls, vae, kind: str, at: int, tag: str) -> io.NodeOutput:
+        v = copy.copy(vae)
+        spec = FaultSpec(kind, "the reference VAE encode", tag, at)
+        encode = vae.encode
+
+        def faulty_encode(*args, **kwargs):
+            spec.use()
+            return encode(*args, **kwargs)
+
+        v.encode = faulty_encode
+        return io.NodeOutput(v)
+
+
+@functools.cache
+def _faulty_patcher_class(base: type) -> type:
+    def add_object_patch(self, name, obj):
+        spec = self.model_options.get("transformer_options", {}).get(FAULT_KEY)
+        if isinstance(spec, FaultSpec) and name.startswith("diffusion_model.blocks.") and name.endswith(".__class__"):
+            spec.use()
+        return base.add_object_patch(self, name, obj)
+
+    return type(f"CVXTestFaulty{base.__name__}", (base,), {"add_object_patch": add_object_patch})
+
+
+class CVXTestFaultyPatcher(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(node_id="CVXTestFaultyPatcher", display_name="CVX Test Faulty Patcher (test only)",
+                         category="customvideox/testing", inputs=[io.Model.Input("model"), *_fault_inputs()],
+                         outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model, kind: str, at: int, tag: str) -> io.NodeOutput:
+        m = model.clone()
+        m.__class__ = _faulty_patcher_class(type(model))  # clones keep their class: the loader's clone fires
+        m.model_options.setdefault("transformer_options", {})[FAULT_KEY] = FaultSpec(
+            kind, "the adapter loader (patching a block)", tag, at)
+        return io.NodeOutput(m)
+
+
 RELIABILITY_NODES: list[type[io.ComfyNode]] = [
     CVXTestAttentionRecorder, CVXTestForeignModel, CVXTestForeignVAE, CVXTestBadImage, CVXTestTokenizerClip,
-    CVXTestAnyString,
+    CVXTestAnyString, CVXTestFaultyBlock, CVXTestFaultyRegion, CVXTestFaultyVAE, CVXTestFaultyPatcher,
 ]
 
 

@@ -1,0 +1,53 @@
+"""The independent peer for reference attention: diffusers' own RoPE builder and an attention processor
+written here, so no position or bias of the pack's code (cvx_core.rope, cvx_core.reference_attention) is on
+the oracle's side.
+
+Reference positions: the default placement gives the reference temporal index -1 (before the video, whose
+frames keep 0..T-1). diffusers builds tables for indices 0..T-1 only; a rotary angle is ``position *
+frequency``, so index -1's row is index 1's with every temporal angle negated: the same cosines, and the
+temporal channels' sines negated. diffusers lays the channels out as ``[temporal | height | width]`` with
+``head_dim // 4`` temporal channels (checked on the table itself: at index 0 exactly those sines are 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+
+
+def with_reference_at_minus_one(table: tuple[torch.Tensor, torch.Tensor], per_frame: int
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' ``(cos, sin)`` table for token frames 0..T-1 (T >= 2, ``per_frame`` rows each) with one
+    reference token frame at temporal index -1 put in front: ``[reference | video]`` rows."""
+    cos, sin = table
+    dim_t = cos.shape[1] // 4
+    frame0, frame1 = slice(0, per_frame), slice(per_frame, 2 * per_frame)
+    assert cos.shape[0] >= 2 * per_frame, "need at least 2 video token frames"
+    assert bool((sin[frame0, :dim_t] == 0).all()) and bool((sin[frame0, dim_t:] != 0).any()), \
+        "diffusers' channel layout is not [temporal (head_dim/4) | spatial]"
+    ref_sin = sin[frame1].clone()
+    ref_sin[:, :dim_t] = -ref_sin[:, :dim_t]
+    return torch.cat([cos[frame1], cos]), torch.cat([ref_sin, sin])
+
+
+class ReferenceBiasProcessor:
+    """A diffusers CogVideoX attention processor: the joint ``[text | image]`` attention with ``bias`` added
+    to the logits of every query on the first ``ref_tokens`` image keys (the reference), RoPE on image rows."""
+
+    def __init__(self, bias: float, ref_tokens: int) -> None:
+        self.bias, self.ref_tokens = bias, ref_tokens
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        text = encoder_hidden_states.shape[1]
+        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        b, s, _ = x.shape
+        q, k, v = (f(x).view(b, s, attn.heads, -1).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q = torch.cat([q[:, :, :text], apply_rotary_emb(q[:, :, text:], image_rotary_emb)], dim=2)
+        k = torch.cat([k[:, :, :text], apply_rotary_emb(k[:, :, text:], image_rotary_emb)], dim=2)
+        mask = torch.zeros(1, 1, 1, s, dtype=q.dtype)
+        mask[..., text:text + self.ref_tokens] = self.bias
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attn.to_out[0](out.transpose(1, 2).reshape(b, s, -1))
+        return out[:, text:], out[:, :text]
