@@ -161,7 +161,7 @@ def test_graph_to_prompt_of_every_ui_file_is_the_api_file(page: ComfyUIPage, obj
     """Each UI file (workflows/ui and the templates copy), loaded in the real web UI, queues exactly its
     workflows/api graph according to the frontend's own ``app.graphToPrompt``."""
     for folder in (wt.UI_DIR, wt.EXAMPLES_DIR):
-        for name in UI_WORKFLOWS:
+        for name in (*UI_WORKFLOWS, *wt.API_ONLY_NAMES):  # the Wan examples too (they run in test_wan_e2e)
             page.load(wt.load_ui(name, folder), name=f"{name}.json")
             _assert_queues_api(f"{folder.name}/{name}", page.graph_to_prompt(), wt.load_api(name), object_info)
 

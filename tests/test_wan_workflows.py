@@ -38,10 +38,7 @@ def test_wan_ui_files_match_the_schemas_and_queue_the_api_graph(object_info):
         ui = wt.load_ui(name)
         errors = wt.check_ui(ui, object_info)
         assert not errors, "\n".join(errors)
-        queued, want = wt.ui_to_api(ui, object_info), wt.with_defaults(api, object_info)
-        assert {k: v["class_type"] for k, v in queued.items()} == {k: v["class_type"] for k, v in want.items()}
-        for nid in want:
-            assert queued[nid]["inputs"] == want[nid]["inputs"], f"{name} node {nid}"
+        # That it queues exactly the API graph: the frontend's graphToPrompt, tests/test_browser.py.
         assert wt.example_path(name).read_bytes() == (wt.UI_DIR / f"{name}.json").read_bytes()
         assert rendered[name] == (wt.UI_DIR / f"{name}.json").read_text(encoding="utf-8"), (
             "out of date: run `python scripts/workflow_ui.py`")
