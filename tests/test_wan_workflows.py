@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import workflow_ui as wu
 import workflow_tools as wt
+import workflow_ui as wu
 
 pytestmark = pytest.mark.server
 TEMPLATE = "video_wan_vace_14B_ref2v"
