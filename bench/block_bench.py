@@ -288,13 +288,18 @@ class BlockBench:
 
     def __init__(self, geo: Geometry, frames: int, batch: int, dtype: torch.dtype, device: torch.device,
                  seed: int = 0) -> None:
-        self.rp = pack_module("nodes.reference_patch")
+        self.rp = pack_module("cvx_host.reference_patch")
+        self.cv = pack_module("cvx_host.cogvideox")
+        self.opt = pack_module("cvx_host.options")
+        self.ent = pack_module("cvx_host.entries")
+        self.rc = pack_module("cvx_host.run_cache")
+        self.ao = pack_module("cvx_host.attention_override")
         self.er = pack_module("cvx_core.entity_region")
         self.tab = pack_module("cvx_core.tab_schedule")
         self.geo, self.frames, self.batch, self.dtype, self.device = geo, frames, batch, dtype, device
         self.dm = build_dit(geo, dtype, device, seed=seed)
         # What add_object_patch(ROTARY_ATTR, RotaryPatch) does on a patched clone.
-        self.dm._get_rotary_emb = self.rp.RotaryPatch(self.dm, "exact")
+        self.dm._get_rotary_emb = self.cv.RotaryPatch(self.dm, "exact")
         self.block = self.dm.blocks[0]
         g = torch.Generator().manual_seed(seed + 1)
         self.x = torch.randn(batch, 16, frames, geo.lat_h, geo.lat_w, generator=g).to(device, dtype)
@@ -317,20 +322,20 @@ class BlockBench:
             region = self.er.EntityRegion(mode="mask", mask=self.region_mask, lam=1.0)
         elif erae == "auto":
             region = self.er.EntityRegion(mode="auto", entity_idx=(3, 4), lam=1.0, map_block=0)
-        return self.rp.ReferenceEntry(latent=self.ref, strength=1.0, schedule=self.tab.TABSchedule(),
+        return self.ent.ReferenceEntry(latent=self.ref, strength=1.0, schedule=self.tab.TABSchedule(),
                                       region=region, apply_to_uncond=apply_to_uncond, mode=mode)
 
     def options(self, entries: list[Any], cond_or_uncond: list[int]) -> dict[str, Any]:
         steps = 50
         sample_sigmas = torch.linspace(10.0, 0.0, steps + 1)
         return {
-            self.rp.ENTRIES_KEY: entries,
+            self.opt.ENTRIES_KEY: entries,
             # Mid-run (progress 0.5): the parabolic TAB bias is at its peak, so the column mask is built.
             "sigmas": sample_sigmas[steps // 2: steps // 2 + 1],
             "sample_sigmas": sample_sigmas,
             "cond_or_uncond": cond_or_uncond,
-            self.rp.RUN_KEY: self.rp.RunCache(),  # the per-run cache an OUTER_SAMPLE wrapper would own
-            "optimized_attention_override": self.rp.AttentionOverride(None),
+            self.opt.RUN_KEY: self.rc.RunCache(),  # the per-run cache an OUTER_SAMPLE wrapper would own
+            "optimized_attention_override": self.ao.AttentionOverride(None),
         }
 
     def prepare(self, entries: list[Any], rows: slice | None = None, cond_or_uncond: list[int] | None = None,
@@ -348,9 +353,9 @@ class BlockBench:
             hidden = self.dm.patch_embed(ctx, ex.x.permute(0, 2, 1, 3, 4))
             text = self.geo.text
             enc, hid = hidden[:, :text].contiguous(), hidden[:, text:].contiguous()
-            temb = self.rp._timestep_embedding(self.dm, ts, self.dtype)
+            temb = self.cv._timestep_embedding(self.dm, ts, self.dtype)
         opts, rot = ex.opts, ex.rot
-        state = opts.get(self.rp.STATE_KEY)
+        state = opts.get(self.opt.STATE_KEY)
         if state is not None and state.ref_kv is not None:
             self.ref_stream_seconds = wrapper_s  # the wrapper ran the reference stream (cache miss)
             self.ref_kv_bytes = sum(t.numel() * t.element_size() for kv in state.ref_kv for p in kv for t in p)

@@ -35,8 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from block_bench import boot_host, environment_line, pack_module, progress  # noqa: E402
 
-TIMED = ("progress_from_sigmas", "_row_bias", "column_bias", "ForwardState", "TokenLayout", "mask_to_token_map",
-         "refine_map", "entity_map_from_attention", "reference_stream_kv", "_one_way_kv")
+# (module, function) pairs of the host layer timed per model call.
+TIMED = (("progress", "run_progress"), ("reference_patch", "build_row_bias"), ("attention_override", "column_bias"),
+         ("reference_patch", "ForwardState"), ("cogvideox", "TokenLayout"), ("reference_patch", "mask_to_token_map"),
+         ("reference_patch", "refine_map"), ("attention_override", "entity_attention"),
+         ("cogvideox", "reference_stream_kv"), ("reference_patch", "_one_way_kv"))
 # The auto ERAE row takes its map from this block, and later blocks use it: the model needs more blocks.
 MAP_BLOCK = 2
 MIN_LAYERS = MAP_BLOCK + 2
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     import comfy.sample
 
     pk = type("pk", (), {})()
-    pk.rp, pk.apply, pk.types = (pack_module(s) for s in ("nodes.reference_patch", "nodes.apply", "nodes.types"))
+    pk.host = {m: pack_module(f"cvx_host.{m}") for m, _ in TIMED}
+    pk.apply, pk.types = pack_module("nodes.apply"), pack_module("nodes.types")
     pk.er, pk.tab = pack_module("cvx_core.entity_region"), pack_module("cvx_core.tab_schedule")
     model = build(args.layers)
     g = torch.Generator().manual_seed(0)
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{t / args.steps / base:6.3f}")
 
     print(f"\nthe patch's own time per model call (us; {args.layers} blocks; one instrumented run, after a warmup)")
-    header = ["wrapper self", "w/o ref strm", "override self", "override/blk"] + list(TIMED) + ["ref passes"]
+    header = ["wrapper self", "w/o ref strm", "override self", "override/blk"] + [n for _, n in TIMED] + ["ref passes"]
     print(f"{'config':24s} " + " ".join(f"{h[:13]:>13s}" for h in header))
     summary = []
     for i, (name, kw) in enumerate(cfgs.items()):
@@ -191,21 +195,21 @@ def main(argv: list[str] | None = None) -> None:
         run(instrument(pk, model, ref, timers, **kw))  # warmup
         timers = Timers()
         m = instrument(pk, model, ref, timers, **kw)
-        real = {n: getattr(pk.rp, n) for n in TIMED if hasattr(pk.rp, n)}
+        real = {(mod, n): getattr(pk.host[mod], n) for mod, n in TIMED}
         try:
-            for n, fn in real.items():
-                setattr(pk.rp, n, timers.wrap(n, fn))
+            for (mod, n), fn in real.items():
+                setattr(pk.host[mod], n, timers.wrap(n, fn))
             run(m)
         finally:
-            for n, fn in real.items():
-                setattr(pk.rp, n, fn)
+            for (mod, n), fn in real.items():
+                setattr(pk.host[mod], n, fn)
         calls = timers.n["wrapper total"]
         wrapper_self = timers.s["wrapper total"] - timers.s["DiT (inside wrapper)"]
         override_self = timers.s["override total"] - timers.s["host attention"]
         per_block = override_self / max(timers.n["override total"], 1)
         no_ref = wrapper_self - timers.s["reference_stream_kv"]
         cells = [wrapper_self / calls, no_ref / calls, override_self / calls, per_block]
-        cells += [timers.s[n] / calls for n in TIMED]
+        cells += [timers.s[n] / calls for _, n in TIMED]
         print(f"{name:24s} " + " ".join(f"{c * 1e6:13.0f}" for c in cells)
               + f" {timers.n['reference_stream_kv']:13d}")
         summary.append(f"{name} {(no_ref + override_self) / calls * 1e6:.0f}")

@@ -58,7 +58,7 @@ def subject_mask() -> torch.Tensor:
 
 
 def rows(model, frames: int) -> dict:
-    wr = bb.pack_module("nodes.wan_reference_frames")
+    wr = bb.pack_module("cvx_host.frames_patch")
     er = bb.pack_module("cvx_core.entity_region")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 16, frames, LAT_H, LAT_W, generator=g)

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-from comfy.ldm.cogvideo.model import CogVideoXTransformer3DModel
 from comfy_api.latest import io
 
 from ..cvx_core.reference_timestep import REFERENCE_TIMESTEPS
 from ..cvx_core.rope import REF_ROPE_MODES
-from .reference_patch import BIAS_ROWS, MODES, PatchError, ReferenceEntry, apply_reference
+from ..cvx_host.cogvideox import CogVideoX
+from ..cvx_host.entries import ATTENTION_PATHS, BIAS_ROWS, MODES, ReferenceEntry
+from ..cvx_host.errors import PatchError
+from ..cvx_host.reference_patch import apply_reference, check_entry
 from .types import CATEGORY, CVXReference, CVXRegion, CVXSchedule, EncodedReference
-
-
-def check_cogvideox_t2v(model, node: str = "CustomVideoXApply") -> CogVideoXTransformer3DModel:
-    """The model's CogVideoX DiT, or a clear error (naming ``node``) for any other model."""
-    dm = model.get_model_object("diffusion_model")
-    if not isinstance(dm, CogVideoXTransformer3DModel):
-        raise PatchError(f"{node}: the MODEL is a {type(dm).__name__} "
-                         f"({type(model.model).__name__}), not CogVideoX: load a CogVideoX transformer "
-                         f"(CustomVideoXModelLoader or UNETLoader)")
-    if dm.in_channels != dm.out_channels:
-        raise PatchError(f"{node}: the MODEL is a CogVideoX that takes {dm.in_channels} input channels "
-                         f"(image-to-video or inpainting); CustomVideoX needs a text-to-video CogVideoX "
-                         f"({dm.out_channels} channels)")
-    return dm
 
 
 class CustomVideoXApply(io.ComfyNode):
@@ -72,6 +60,12 @@ class CustomVideoXApply(io.ComfyNode):
                                        "fixed seed, like one more video frame ('reference-only', worth trying "
                                        "without an adapter); clean: timestep 0, one_way only.",
                                advanced=True),
+                io.Combo.Input("attention_path", options=list(ATTENTION_PATHS), default="mask", optional=True,
+                               advanced=True,
+                               tooltip="How the biased attention is computed. mask: the host's attention with a "
+                                       "key-column mask (default; any attention backend). lse: unmasked fused "
+                                       "attention calls merged by log-sum-exp, the same result, keeps GPU flash "
+                                       "kernels (bypasses the host's attention choice; not yet measured on a GPU)."),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
@@ -79,35 +73,16 @@ class CustomVideoXApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, reference: EncodedReference, strength, block_start, block_end, apply_to_uncond,
                 attention_mode, reference_rope, schedule=None, region=None, bias_rows="all",
-                reference_timestep: str = "sampling") -> io.NodeOutput:
-        dm = check_cogvideox_t2v(model)
-        n_blocks = len(dm.blocks)
-        end = n_blocks - 1 if block_end < 0 else block_end
-        if not 0 <= block_start <= end < n_blocks:
-            raise PatchError(f"CustomVideoXApply: block_start..block_end is {block_start}..{block_end}, which is "
-                             f"not inside this model's blocks 0..{n_blocks - 1} (block_end -1 = the last block)")
-        if region is not None and region.mode == "auto" and region.last_map_block >= end:
-            blocks = f"map_block {region.map_block}" + (f" with map_blocks {region.map_blocks} (blocks "
-                                                         f"{region.map_block}..{region.last_map_block})"
-                                                         if region.map_blocks > 1 else "")
-            raise PatchError(f"CustomVideoXApply: the region's {blocks} reaches block {region.last_map_block}, "
-                             f"but the reference is used up to block {end} of 0..{n_blocks - 1}: the map's last "
-                             f"block must be below {end} (lower map_block or map_blocks)")
-        if bias_rows not in BIAS_ROWS:
-            raise PatchError(f"CustomVideoXApply: bias_rows {bias_rows!r} is not one of {BIAS_ROWS}")
+                reference_timestep: str = "sampling", attention_path: str = "mask") -> io.NodeOutput:
+        backbone = CogVideoX.for_model(model, "CustomVideoXApply")
         if not isinstance(reference, EncodedReference):
-            raise PatchError("CustomVideoXApply: 'reference' must come from CustomVideoXReferenceEncode")
-        latent = reference.latent
-        channels = model.get_model_object("latent_format").latent_channels
-        if latent.ndim != 5 or latent.shape[1] != channels:
-            raise PatchError(f"CustomVideoXApply: the reference latent has shape {tuple(latent.shape)}; this model "
-                             f"needs {channels}-channel video latents from its CogVideoX VAE")
-        latent = model.get_model_object("latent_format").process_in(latent[:, :, :1].float())
-        if dm.patch_size_t:
-            # CogVideoX 1.5 patches 2 latent frames together: the still reference fills both.
-            latent = latent.repeat(1, 1, dm.patch_size_t, 1, 1)
-        entry = ReferenceEntry(latent=latent, strength=strength, schedule=schedule, region=region,
-                               block_start=block_start, block_end=block_end, apply_to_uncond=apply_to_uncond,
-                               mode=attention_mode, ref_rope=reference_rope, bias_rows=bias_rows,
-                               reference_timestep=reference_timestep)
+            raise PatchError("CustomVideoXApply reference: it must come from CustomVideoXReferenceEncode")
+        if bias_rows not in BIAS_ROWS:
+            raise PatchError(f"CustomVideoXApply bias_rows: {bias_rows!r} is not one of {BIAS_ROWS}")
+        entry = ReferenceEntry(latent=backbone.prepare_reference(model, reference.latent, "CustomVideoXApply"),
+                               strength=strength, schedule=schedule, region=region, block_start=block_start,
+                               block_end=block_end, apply_to_uncond=apply_to_uncond, mode=attention_mode,
+                               ref_rope=reference_rope, bias_rows=bias_rows, reference_timestep=reference_timestep,
+                               attention_path=attention_path)
+        check_entry(backbone, entry)
         return io.NodeOutput(apply_reference(model, entry))

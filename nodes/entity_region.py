@@ -14,7 +14,7 @@ from ..cvx_core.entity_region import (
     EntityRegion,
     entity_tokens_with_tokenizer,
 )
-from .prompt_tokens import prompt_tokens
+from ..cvx_host.prompt_tokens import prompt_tokens
 from .types import CATEGORY, CVXRegion
 
 

@@ -27,7 +27,7 @@ from ..cvx_core.checkpoint_keys import (
     read_checkpoint,
     strip_prefix,
 )
-from .reference_patch import install_rotary
+from ..cvx_host.cogvideox import install_rotary
 from .types import CATEGORY
 
 FOLDER = "diffusion_models"

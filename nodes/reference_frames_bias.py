@@ -7,10 +7,10 @@ import math
 import torch
 from comfy_api.latest import io
 
-from .reference_patch import PatchError
+from ..cvx_host.errors import PatchError
+from ..cvx_host.frames_patch import NODE, FramesEntry, apply_frames_bias
+from ..cvx_host.wan import check_wan, is_vace
 from .types import CATEGORY, CVXRegion, CVXSchedule
-from .wan_backbone import check_wan, is_vace
-from .wan_reference_frames import NODE, FramesEntry, apply_frames_bias
 
 
 class CustomVideoXReferenceFramesBias(io.ComfyNode):

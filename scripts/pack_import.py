@@ -14,7 +14,7 @@ PACKAGE = "customvideox"
 
 
 def pack_module(sub: str | None = None) -> ModuleType:
-    """The pack (``sub=None``) or one of its modules, e.g. ``pack_module("nodes.reference_patch")``."""
+    """The pack (``sub=None``) or one of its modules, e.g. ``pack_module("cvx_host.reference_patch")``."""
     if PACKAGE not in sys.modules:
         spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py",
                                                       submodule_search_locations=[str(REPO)])

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     training = pack_module("cvx_core.training")
     dataset = pack_module("cvx_core.dataset")
     loader = pack_module("nodes.model_loader")
-    train = pack_module("nodes.train_adapter")
+    train = pack_module("cvx_host.training")
 
     dtype = loader.WEIGHT_DTYPES[args.weight_dtype]
     if args.tiny:

@@ -1,4 +1,4 @@
-"""CustomVideoX adapters (cvx_core.lora / lora_keys, nodes/reference_block.py, CustomVideoXAdapterLoader)
+"""CustomVideoX adapters (cvx_core.lora / lora_keys, cvx_host/adapters.py, CustomVideoXAdapterLoader)
 on the real host's tiny CogVideoX.
 
 One set of LoRA pairs is written in the four key layouts (PEFT + adapter_config.json, PEFT + metadata,
@@ -178,7 +178,7 @@ def test_reference_off_is_exactly_the_base_model(host, base, loras, adapter_file
 def test_reference_on_changes_the_output_and_a_zero_adapter_does_not(host, base, loras, adapter_files, inputs,
                                                                       mode):
     lora = host.pack("cvx_core.lora")
-    rb = host.pack("nodes.reference_block")
+    rb = host.pack("cvx_host.adapters")
     without = forward(with_reference(host, base, inputs, mode=mode), inputs)
     adapted, _ = load(host, base, loras, adapter_files["kohya"])
     assert (forward(with_reference(host, adapted, inputs, mode=mode), inputs) - without).abs().max() > 1e-4

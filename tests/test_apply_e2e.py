@@ -80,7 +80,7 @@ def test_a_second_reference_at_strength_zero_changes_nothing(host, sampler):
 
 def test_one_way_reference_is_computed_once_per_run(host, sampler, monkeypatch):
     model, sample = sampler
-    rp = host.pack("nodes.reference_patch")
+    rp = host.pack("cvx_host.cogvideox")
     calls = []
     real = rp.reference_stream_kv
     monkeypatch.setattr(rp, "reference_stream_kv", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -113,25 +113,25 @@ def host_attention(q, k, v, heads, mask=None, skip_reshape=False, skip_output_re
 @pytest.mark.host
 @pytest.mark.parametrize("lse", [False, True], ids=["masked", "lse"])
 @pytest.mark.parametrize("bias_rows", ["all", "video"])
-def test_bias_rows_through_the_attention_override_equals_dense_bias(pk, bias_rows, lse):
-    rp = pk.rp
+def test_bias_rows_through_the_attention_override_equals_dense_bias(pk, model, bias_rows, lse):
     latent = torch.zeros(1, 16, 1, 2, 3)
     # Reference 0: strength 2 and a mask-mode ERAE map (lambda 1.5); reference 1: strength 0.5, off for uncond.
-    entries = [rp.ReferenceEntry(latent=latent, strength=2.0, bias_rows=bias_rows),
-               rp.ReferenceEntry(latent=latent, strength=0.5, bias_rows=bias_rows, apply_to_uncond=False)]
+    entries = [pk.ent.ReferenceEntry(latent=latent, strength=2.0, bias_rows=bias_rows),
+               pk.ent.ReferenceEntry(latent=latent, strength=0.5, bias_rows=bias_rows, apply_to_uncond=False)]
     layout = TokenLayout(text=TEXT, refs=(R, R), grid=GRID)
-    row_bias, owner = rp._row_bias(entries, 0.0, [0, 1], B, torch.device("cpu"))
+    row_bias, owner = pk.fs.row_bias(entries, 0.0, [0, 1], B, torch.device("cpu"))
     assert torch.allclose(row_bias, torch.tensor([[math.log(2.0), math.log(0.5)], [math.log(2.0), -math.inf]]))
     g = torch.Generator().manual_seed(2)
     region_map = torch.rand(B, layout.video, generator=g)
     lam = 1.5
     object.__setattr__(entries[0], "region", pk.er.EntityRegion(mode="mask", mask=torch.ones(1, 4, 4), lam=lam))
-    state = rp.ForwardState(entries=entries, layout=layout, row_bias=row_bias, ref_owner=owner, num_blocks=1,
+    backbone = pk.cv.CogVideoX(model.get_model_object("diffusion_model"))
+    state = pk.fs.ForwardState(entries=entries, backbone=backbone, layout=layout, row_bias=row_bias, ref_owner=owner, num_blocks=1,
                             erae_on=(True, False), lse=lse)
     state.region_maps[0] = region_map
     q, k, v = (torch.randn(B, H, layout.keys, D, generator=g) for _ in range(3))
-    got = rp.AttentionOverride()(host_attention, q, k, v, H, skip_reshape=True, skip_output_reshape=True,
-                                 transformer_options={rp.STATE_KEY: state})
+    got = pk.ao.AttentionOverride()(host_attention, q, k, v, H, skip_reshape=True, skip_output_reshape=True,
+                                 transformer_options={pk.opt.STATE_KEY: state})
     # By hand: -inf reaches every row; a finite bias every row (all) or the video rows (video); lambda*map the
     # video rows on reference 0.
     finite = row_bias.masked_fill(torch.isneginf(row_bias), 0.0)
@@ -161,9 +161,9 @@ def test_reference_masked_in_every_block_is_the_unpatched_model_for_negative_and
     x = torch.randn(2, 16, 3, 8, 10, generator=g)
     ctx = torch.randn(2, 226, 32, generator=g)
     t = torch.tensor([600.0, 600.0])
-    base = pk.rp.install_rotary(model, "exact")
+    base = pk.cv.install_rotary(model, "exact")
     # A block range past the model's 4 blocks: the reference tokens are in the sequence, masked in every block.
-    entry = pk.rp.ReferenceEntry(latent=torch.randn(1, 16, 1, 8, 10, generator=g), strength=2.0, block_start=9,
+    entry = pk.ent.ReferenceEntry(latent=torch.randn(1, 16, 1, 8, 10, generator=g), strength=2.0, block_start=9,
                                  block_end=9, ref_rope=ref_rope)
     patched = pk.rp.apply_reference(base, entry)
     outs = []

@@ -32,7 +32,11 @@ BLOCKS, STEPS = 4, 3
 
 @pytest.fixture(scope="module")
 def pk() -> SimpleNamespace:
-    return SimpleNamespace(rp=pack_module("nodes.reference_patch"), apply=pack_module("nodes.apply"), types=pack_module("nodes.types"),
+    return SimpleNamespace(rp=pack_module("cvx_host.reference_patch"), cv=pack_module("cvx_host.cogvideox"),
+                           ao=pack_module("cvx_host.attention_override"), opt=pack_module("cvx_host.options"),
+                           prog=pack_module("cvx_host.progress"), ent=pack_module("cvx_host.entries"),
+                           fs=pack_module("cvx_host.forward_state"), err=pack_module("cvx_host.errors"),
+                           host_backbone=pack_module("cvx_host.backbone"), host_block=pack_module("cvx_host.cogvideox_block"), apply=pack_module("nodes.apply"), types=pack_module("nodes.types"),
                            ra=pack_module("cvx_core.reference_attention"), er=pack_module("cvx_core.entity_region"),
                            tab=pack_module("cvx_core.tab_schedule"))
 
@@ -90,14 +94,14 @@ def sample(model, inputs, steps: int = STEPS, callback: Callable | None = None, 
 def ref_stream(pk, monkeypatch) -> Iterator[list[list[tuple[torch.Tensor, torch.Tensor]]]]:
     """Every reference_stream_kv result (one per pass of the reference through the DiT blocks)."""
     calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-    real = pk.rp.reference_stream_kv
+    real = pk.cv.reference_stream_kv
 
     def counting(*args, **kwargs):
         kv = real(*args, **kwargs)
         calls.append(kv)
         return kv
 
-    monkeypatch.setattr(pk.rp, "reference_stream_kv", counting)
+    monkeypatch.setattr(pk.cv, "reference_stream_kv", counting)
     yield calls
 
 
@@ -106,7 +110,7 @@ def uncached(pk, patched):
     import comfy.patcher_extension as pe
 
     m = patched.clone()
-    m.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, pk.rp.KEY)
+    m.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, pk.opt.WRAPPER_KEY)
     return m
 
 
@@ -176,7 +180,7 @@ def test_cache_dropped_when_the_run_ends_or_is_interrupted_and_new_runs_recomput
     kv_refs()
     n_first = len(ref_stream)
     assert n_first >= 1
-    assert pk.rp.RUN_KEY not in patched.model_options.get("transformer_options", {})
+    assert pk.opt.RUN_KEY not in patched.model_options.get("transformer_options", {})
 
     def interrupt(step, *_):
         if step == 1:
@@ -185,7 +189,7 @@ def test_cache_dropped_when_the_run_ends_or_is_interrupted_and_new_runs_recomput
     with pytest.raises(mm.InterruptProcessingException):
         sample(patched, inputs, callback=interrupt)
     kv_refs()
-    assert pk.rp.RUN_KEY not in patched.model_options.get("transformer_options", {})
+    assert pk.opt.RUN_KEY not in patched.model_options.get("transformer_options", {})
     ref_stream.clear()
     gc.collect()
     assert refs and all(r() is None for r in refs), "cached reference K/V outlived its sampling run"
@@ -247,21 +251,22 @@ def _model_calls(model, counter: Counter):
 @pytest.mark.parametrize("mode", ["two_way", "one_way"])
 def test_bias_and_layout_are_built_once_per_model_call(pk, model, inputs, monkeypatch, mode, strength, schedule):
     c: Counter = Counter()
-    for module, name in ((pk.rp, "column_bias"), (pk.ra, "column_bias"), (pk.rp, "ForwardState"),
-                         (pk.rp, "TokenLayout"), (pk.rp, "run_progress"), (pk.rp, "_row_bias"),
+    for module, name in ((pk.ao, "column_bias"), (pk.ra, "column_bias"), (pk.rp, "ForwardState"),
+                         (pk.cv, "TokenLayout"), (pk.prog, "run_progress"), (pk.rp, "build_row_bias"),
                          (pk.rp, "mask_to_token_map"), (pk.rp, "refine_map")):
         _count(monkeypatch, module, name, c, f"{module.__name__.rsplit('.', 1)[-1]}.{name}")
-    _count(monkeypatch, pk.rp, "reference_attention", c, "attention calls")
+    _count(monkeypatch, pk.ao, "reference_attention", c, "attention calls")
     patched = _model_calls(patch(pk, model, inputs.ref, mode=mode, strength=strength, schedule=schedule), c)
     sample(patched, inputs)
     calls = c["model calls"]
     assert calls == STEPS and c["attention calls"] == BLOCKS * calls, c
-    for name in ("ForwardState", "TokenLayout", "_row_bias", "mask_to_token_map", "refine_map"):
-        assert c[f"reference_patch.{name}"] == calls, (name, c)
+    for name in ("reference_patch.ForwardState", "cogvideox.TokenLayout", "reference_patch.build_row_bias",
+                 "reference_patch.mask_to_token_map", "reference_patch.refine_map"):
+        assert c[name] == calls, (name, c)
     # Progress only for a schedule, once per model call.
-    assert c["reference_patch.run_progress"] == (calls if schedule else 0), c
+    assert c["progress.run_progress"] == (calls if schedule else 0), c
     # One column mask per model call (one block range here), none rebuilt inside the blocks.
-    assert c["reference_patch.column_bias"] == calls, c
+    assert c["attention_override.column_bias"] == calls, c
     assert c["reference_attention.column_bias"] == 0, c
 
 
@@ -307,7 +312,7 @@ def test_no_dense_sq_by_sk_tensor_in_a_patched_forward(pk, model, mode, region):
     g = torch.Generator().manual_seed(2)
     B, T, h, w = 2, 3, 32, 48  # 16x24 = 384 tokens per frame
     ref = torch.randn(1, 16, 1, h, w, generator=g)
-    patched = patch(pk, pk.rp.install_rotary(base, "exact"), ref, mode=mode, strength=2.0, region=region,
+    patched = patch(pk, pk.cv.install_rotary(base, "exact"), ref, mode=mode, strength=2.0, region=region,
                     apply_to_uncond=False, schedule=False)
     mm.load_models_gpu([patched])
     x = torch.randn(B, 16, T, h, w, generator=g)

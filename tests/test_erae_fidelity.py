@@ -74,13 +74,13 @@ def test_uncond_alone_reuses_the_cond_calls_maps_or_probes(pk, model, inputs, mo
     """Cond first: the uncond call reuses the maps its cond call cached. Uncond first: one probe per uncond
     call, stopped after the map blocks. Averaged maps (map_blocks 2) too."""
     calls: Counter = Counter()
-    real = pk.rp.entity_attention
+    real = pk.ao.entity_attention
 
     def counting(*args, **kwargs):
         calls["map blocks"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pk.rp, "entity_attention", counting)
+    monkeypatch.setattr(pk.ao, "entity_attention", counting)
     patched = patch(pk, model, inputs.ref, mode="two_way", region=region(pk, map_block=0, map_blocks=2))
     for uncond_first, per_step in ((False, 2 + 2), (True, 2 + 2 + 2)):  # alone (cond, probe) + batched
         calls.clear()
@@ -112,8 +112,8 @@ def test_erae_applies_from_start_percent(pk, model, inputs, monkeypatch, mode):
     """Before start_percent the model is exactly the same reference without a region (no map is even
     computed); from it on, the region acts. 4 euler steps: progress 0, 0.25, 0.5, 0.75."""
     calls: list[int] = []
-    real = pk.rp.entity_attention
-    monkeypatch.setattr(pk.rp, "entity_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = pk.ao.entity_attention
+    monkeypatch.setattr(pk.ao, "entity_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     mask = torch.zeros(1, 64, 80)
     mask[:, 16:48, 20:60] = 1.0
     reg = region(pk, start_percent=0.5) if mode == "auto" else \
@@ -131,7 +131,7 @@ def test_erae_applies_from_start_percent(pk, model, inputs, monkeypatch, mode):
 def test_apply_checks_the_last_map_block_against_block_end(pk, model, inputs):
     # 4 blocks (0..3): map blocks 1..2 are fine; 2..3 reach the last block, which would leave none to use it.
     patch(pk, model, inputs.ref, region=region(pk, map_block=1, map_blocks=2))
-    with pytest.raises(pk.rp.PatchError, match=r"map_block 2 with map_blocks 2 \(blocks 2\.\.3\).*below 3"):
+    with pytest.raises(pk.err.PatchError, match=r"map_block 2 with map_blocks 2 \(blocks 2\.\.3\).*below 3"):
         patch(pk, model, inputs.ref, region=region(pk, map_block=2, map_blocks=2))
-    with pytest.raises(pk.rp.PatchError, match=r"map_block 1.*below 1"):
+    with pytest.raises(pk.err.PatchError, match=r"map_block 1.*below 1"):
         patch(pk, model, inputs.ref, region=region(pk, map_block=1), block_end=1)

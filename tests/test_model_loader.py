@@ -42,7 +42,7 @@ TEXT_LEN = 16
 
 ck = pack_module("cvx_core.checkpoint_keys")
 ml = pack_module("nodes.model_loader")
-rp = pack_module("nodes.reference_patch")
+rp = pack_module("cvx_host.cogvideox")
 
 
 NATIVE = "cvx_tiny_test_model.safetensors"

@@ -15,7 +15,7 @@ import torch
 
 
 def patched_forward(host, model, raw_ref, x, t, ctx, **apply_kw):
-    rp = host.pack("nodes.reference_patch")
+    rp = host.pack("cvx_host.cogvideox")
     types = host.pack("nodes.types")
     import comfy.model_management
 
@@ -66,7 +66,7 @@ def test_reference_off_through_the_patch_equals_diffusers_stock(host, tiny_model
     ctx = torch.randn(2, 226, 32, generator=g)
     t = torch.tensor([300.0, 300.0])
     # Row 0 is cond (reference on), row 1 uncond with apply_to_uncond off.
-    rp = host.pack("nodes.reference_patch")
+    rp = host.pack("cvx_host.cogvideox")
     types = host.pack("nodes.types")
     import comfy.model_management
 

@@ -26,7 +26,7 @@ T_INDEX = 500
 
 @pytest.fixture(scope="module")
 def pk() -> SimpleNamespace:
-    return SimpleNamespace(rp=pack_module("nodes.reference_patch"), apply=pack_module("nodes.apply"),
+    return SimpleNamespace(rp=pack_module("cvx_host.reference_patch"), cv=pack_module("cvx_host.cogvideox"), apply=pack_module("nodes.apply"),
                            types=pack_module("nodes.types"), rt=pack_module("cvx_core.reference_timestep"))
 
 
@@ -123,14 +123,14 @@ def test_two_way_noised_equals_diffusers_fed_the_noised_reference(pk, case):
     model = load(case)
     sigma = float(model.get_model_object("model_sampling").sigmas[T_INDEX])
     t = torch.full((2,), float(T_INDEX))
-    patched = apply(pk, pk.rp.install_rotary(model, "exact"), case.raw_ref, "two_way", "noised", "shift")
+    patched = apply(pk, pk.cv.install_rotary(model, "exact"), case.raw_ref, "two_way", "noised", "shift")
     ours = call(patched, case.x, t, case.ctx, sigma)
     ref = noised_by_hand(model.get_model_object("latent_format").process_in(case.raw_ref), sigma,
                          pk.rt.REFERENCE_NOISE_SEED)
     peer = tm.build_diffusers_model(case.sd)
     want = tm.diffusers_forward(peer, torch.cat([ref.expand(2, -1, -1, -1, -1), case.x], 2), t, case.ctx)[:, :, 1:]
     assert torch.allclose(ours, want, atol=2e-5), (ours - want).abs().max()
-    clean = apply(pk, pk.rp.install_rotary(model, "exact"), case.raw_ref, "two_way", "sampling", "shift")
+    clean = apply(pk, pk.cv.install_rotary(model, "exact"), case.raw_ref, "two_way", "sampling", "shift")
     assert (call(clean, case.x, t, case.ctx, sigma) - ours).abs().max() > 1e-4
 
 
@@ -154,8 +154,8 @@ def test_one_way_reference_pass_is_cached_per_run_or_per_step(pk, case, monkeypa
     import comfy.samplers
 
     calls = []
-    real = pk.rp.reference_stream_kv
-    monkeypatch.setattr(pk.rp, "reference_stream_kv", lambda *a, **k: calls.append(k.get("timestep")) or real(*a, **k))
+    real = pk.cv.reference_stream_kv
+    monkeypatch.setattr(pk.cv, "reference_stream_kv", lambda *a, **k: calls.append(k.get("timestep")) or real(*a, **k))
     model = apply(pk, load(case), case.raw_ref, "one_way", reference_timestep)
     if separate:  # cond and uncond as separate model calls: they still share one pass per step
         def calc(args):
@@ -174,7 +174,7 @@ def test_one_way_reference_pass_is_cached_per_run_or_per_step(pk, case, monkeypa
 def test_training_calls_the_model_as_inference_does(pk, case, reference_timestep):
     ta = pack_module("nodes.train_adapter")
     lora = pack_module("cvx_core.lora")
-    rb = pack_module("nodes.reference_block")
+    rb = pack_module("cvx_host.adapters")
     model = load(case)
     adapter = lora.init_adapter(lora.block_target_shapes(rb.module_shapes(model), lora.DEFAULT_TARGETS), 2, 2.0)
     model_fn, *_ = ta.training_model_fn(model, adapter, reference_timestep)

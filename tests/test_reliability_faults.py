@@ -176,7 +176,7 @@ def test_fault_at_every_stage_leaves_nothing_behind(host, tiny_models, fault_lor
     import comfy.model_management as mm
     import execution
 
-    rp = pack(host, "nodes.reference_patch")
+    opt, cv = pack(host, "cvx_host.options"), pack(host, "cvx_host.cogvideox")
     rec = recorder_module(host)
     baseline_prompt, _ = stage_prompt(tiny_models, stage, fault_lora, None)
     baseline = host.run(baseline_prompt, capture=[SAMPLER]).output(SAMPLER)["samples"].clone()
@@ -220,15 +220,15 @@ def test_fault_at_every_stage_leaves_nothing_behind(host, tiny_models, fault_lor
     # run state: everything else the run's forward state and cache reached must be gone.
     models = model_outputs(host, prompt)
     owned = {id(x) for _, m in models
-             for e in m.model_options.get("transformer_options", {}).get(rp.ENTRIES_KEY) or ()
+             for e in m.model_options.get("transformer_options", {}).get(opt.ENTRIES_KEY) or ()
              for x in (e, e.latent, e.schedule, e.region, getattr(e.region, "mask", None))}
     alive = [type(r()).__name__ for r in refs if r() is not None and id(r()) not in owned]
     assert not alive, f"{len(alive)} per-run objects outlived the failed run: {alive[:8]}"
-    assert rp._ref_frames.get() == (0, "negative")
+    assert cv._ref_frames.get() == (0, "negative")
     assert models, "no MODEL output is cached"
     for nid, m in models:
         opts = m.model_options.get("transformer_options", {})
-        assert rp.RUN_KEY not in opts and rp.STATE_KEY not in opts, (nid, sorted(map(str, opts)))
+        assert opt.RUN_KEY not in opts and opt.STATE_KEY not in opts, (nid, sorted(map(str, opts)))
     # The shared DiT gets the host's own RoPE builder and block classes back when the plain model is loaded.
     base = cached_output(host, graphs.MODEL)
     assert not any(str(k).startswith("customvideox") for k in base.model_options.get("transformer_options", {}))

@@ -315,7 +315,7 @@ def test_node_errors_name_the_node_and_the_fix(host, wan_sd):
 def test_vace_model_leading_frame_bias_is_exact_at_one_and_reaches_the_vace_blocks(host, monkeypatch):
     """On a real VaceWanModel (main blocks + a VACE block at index 0): strength 1 is the unpatched
     model bit for bit; strength 2 biases the self-attention of both the main and the VACE block."""
-    wr = host.pack("nodes.wan_reference_frames")
+    wr = host.pack("cvx_host.frames_patch")
     sd = tw.build_wan_state_dict(seed=1, vace=True)
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 16, 1 + T, H, W, generator=g)

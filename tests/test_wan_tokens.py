@@ -28,7 +28,7 @@ def pieces_of(clip, text: str) -> list[str]:
 
 
 def test_wan_clip_tokens_and_entity_positions(host, clip):
-    pt = host.pack("nodes.prompt_tokens")
+    pt = host.pack("cvx_host.prompt_tokens")
     er = host.pack("cvx_core.entity_region")
     ids, tok = pt.prompt_tokens(clip, PROMPT, NODE)
     assert len(ids) == 512 and set(ids[len(pieces_of(clip, PROMPT)) + 1:]) == {0}  # EOS, then padding 0
@@ -57,7 +57,7 @@ def test_cogvideox_clip_still_reads_t5xxl(host):
     import comfy.sd
     import comfy.text_encoders.cogvideo
 
-    pt = host.pack("nodes.prompt_tokens")
+    pt = host.pack("cvx_host.prompt_tokens")
     clip = comfy.sd.CLIP.__new__(comfy.sd.CLIP)
     clip.tokenizer = comfy.text_encoders.cogvideo.CogVideoXTokenizer()
     clip.tokenizer_options = {}
@@ -68,7 +68,7 @@ def test_cogvideox_clip_still_reads_t5xxl(host):
 
 
 def test_clip_without_a_t5_tokenizer_is_a_clear_error(host):
-    pt = host.pack("nodes.prompt_tokens")
+    pt = host.pack("cvx_host.prompt_tokens")
 
     class TwoClips:
         tokenizer = None

@@ -209,7 +209,7 @@ class InProcessHost:
         return nodes.NODE_CLASS_MAPPINGS
 
     def pack(self, name: str) -> Any:
-        """A module of the pack as the host loaded it (e.g. ``"nodes.reference_patch"``), so its classes
+        """A module of the pack as the host loaded it (e.g. ``"cvx_host.reference_patch"``), so its classes
         are the ones the host's nodes use."""
         import importlib
 

@@ -399,7 +399,7 @@ from comfy.ldm.cogvideo.model import CogVideoXBlock  # noqa: E402
 FAULT_KEY = "cvx_test_fault"  # transformer_options key of a FaultSpec
 FAULT_KINDS = ["raise", "interrupt"]
 FIRED: dict[str, str] = {}  # tag -> where its fault fired
-# Set by the pack in the block options of its one-way reference pass (nodes/reference_patch.py).
+# Set by the pack in the block options of its one-way reference pass (cvx_host/options.py REFERENCE_STREAM_KEY).
 REFERENCE_STREAM_KEY = "customvideox_reference_stream"
 
 

@@ -21,7 +21,8 @@ import torch
 from comfy.ldm.wan.model import VaceWanModel, WanModel, WanT2VCrossAttention
 
 from ..cvx_core.frame_layout import FrameLayout, frame_layout
-from .reference_patch import PatchError
+from .backbone import register
+from .errors import PatchError
 
 # Host classes of Wan variants the pack does not handle yet (named in the error).
 _HANDLED = (WanModel, VaceWanModel)
@@ -101,3 +102,31 @@ def to_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """``[B, S, H*D]`` -> ``[B, H, S, D]`` (the host's default layout for optimized_attention)."""
     b, s, _ = t.shape
     return t.view(b, s, heads, -1).transpose(1, 2)
+
+
+@register
+class Wan:
+    """The Wan implementation of :class:`.backbone.CarriesReferenceFrames` (Phantom's and VACE's frames).
+    Inserting a reference into plain Wan T2V (:class:`.backbone.InsertsReferences`) is not built yet:
+    CustomVideoXApply on a Wan model is a clear error naming the node to use instead."""
+
+    family = "Wan"
+
+    def __init__(self, dm: WanModel):
+        self.dm = dm
+        self.num_blocks = len(dm.blocks)
+
+    @classmethod
+    def recognises(cls, dm: torch.nn.Module) -> bool:
+        return isinstance(dm, WanModel)
+
+    @classmethod
+    def for_model(cls, model, node: str) -> Wan:
+        return cls(check_wan(model, node))
+
+    def frames_layout(self, x: torch.Tensor, frames_after: torch.Tensor | None, leading: int,
+                      node: str) -> FrameLayout:
+        return call_layout(x, frames_after, leading, node)
+
+    def attention_call(self, order: CallOrder, opts: dict) -> tuple[int, bool, int]:
+        return order.next(opts)

@@ -1,4 +1,4 @@
-"""Reference-branch LoRA on the host's native CogVideoX blocks (design.md §1 training, §2 LoRA).
+"""Reference-branch LoRA on the host's native CogVideoX blocks (DESIGN.md §1.4, §2).
 
 The host's ``CogVideoXBlock.forward`` projects the whole joint ``[text | image]`` sequence with one
 weight per projection, so a LoRA that must touch reference tokens only cannot be a weight patch.
@@ -10,8 +10,8 @@ Instead each block's class is swapped, through an object patch of ``diffusion_mo
   the base model, bit for bit;
 * otherwise computes the same maths with ``scale * up @ down @ x`` added to the chosen projections
   (q, k, v, attn_out, ff_proj, ff_out) on the reference rows only: the first ``layout.ref_total``
-  image tokens in two-way mode (:class:`ForwardState` in ``transformer_options[STATE_KEY]``) or every
-  image token in one-way mode's reference pass (:data:`REFERENCE_STREAM_KEY`).
+  image tokens in two-way mode (the call's :class:`.forward_state.ForwardState`) or every
+  image token in one-way mode's reference pass (:data:`.options.REFERENCE_STREAM_KEY`).
 
 Why a class swap rather than an object patch of ``blocks.N.forward``: a patched ``forward`` is a plain
 callable without ``self``, so it would have to hold the block module, and the host sometimes applies
@@ -20,45 +20,29 @@ deep clones); a class carries no module reference, so it is right on any copy. T
 still run through the host's modules, so weight patches (the host's LoRA loaders, this pack's global
 mode) and its low-VRAM casting keep working, in either order.
 
-The adapters themselves live in ``transformer_options[ADAPTERS_KEY]`` (a list: loaders stack).
+The adapters live in the model options (:data:`.options.ADAPTERS_KEY`, a list: loaders stack); the
+copied host block forward is pinned to the host version by tests/test_backbone_contract.py.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-from dataclasses import dataclass
 
-import comfy.lora
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from comfy.ldm.cogvideo.model import CogVideoXBlock, apply_rotary_emb
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..cvx_core.lora import TARGETS, ReferenceLora
-from .reference_patch import REFERENCE_STREAM_KEY, STATE_KEY
-
-log = logging.getLogger("customvideox")
-
-ADAPTERS_KEY = "customvideox_adapters"
-# Training only: recompute each adapted block in backward instead of keeping its activations.
-CHECKPOINT_KEY = "customvideox_gradient_checkpointing"
-
-
-@dataclass(frozen=True, eq=False)
-class AdapterUse:
-    """One CustomVideoXAdapterLoader in reference_only mode: the adapter and its strength."""
-
-    lora: ReferenceLora
-    strength: float
+from ..cvx_core.lora import TARGETS
+from . import options
 
 
 def reference_rows(opts: dict, text: int, seq: int) -> tuple[int, int] | None:
     """The ``[start, end)`` rows of the joint sequence that are reference tokens in this block call."""
-    if opts.get(REFERENCE_STREAM_KEY):
+    if options.in_reference_stream(opts):
         return text, seq
-    state = opts.get(STATE_KEY)
+    state = options.forward_state(opts)
     if state is None or not state.layout.refs_in_queries or state.layout.ref_total == 0:
         return None
     return text, text + state.layout.ref_total
@@ -76,14 +60,14 @@ class ReferenceLoraBlock(CogVideoXBlock):
         pairs = self._pairs(opts) if rows is not None else []
         if not pairs:
             return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, transformer_options)
-        state = opts.get(STATE_KEY)
-        if opts.get(CHECKPOINT_KEY) and torch.is_grad_enabled() and not opts.get(REFERENCE_STREAM_KEY):
+        state = options.forward_state(opts)
+        if options.checkpointing(opts) and torch.is_grad_enabled() and not options.in_reference_stream(opts):
             start = state.block if state is not None else 0
 
             def run(hs, enc, tb):
                 # The attention override counts blocks on the shared state: a recompute must see this block's count.
                 if state is not None:
-                    state.block = start
+                    state.restart_block(start)
                 return self._adapted_forward(hs, enc, tb, image_rotary_emb, opts, rows, pairs)
 
             return torch.utils.checkpoint.checkpoint(run, hidden_states, encoder_hidden_states, temb,
@@ -92,7 +76,7 @@ class ReferenceLoraBlock(CogVideoXBlock):
 
     def _pairs(self, opts: dict) -> list[tuple[dict, float]]:
         out = []
-        for use in opts.get(ADAPTERS_KEY) or ():
+        for use in options.adapters(opts):
             found = {t: p for t in TARGETS if (p := use.lora.get(f"blocks.{self.block_index}.{t}")) is not None}
             if found and use.strength != 0:
                 out.append((found, use.strength))
@@ -149,37 +133,3 @@ def block_class(index: int) -> type[ReferenceLoraBlock]:
     return type(f"ReferenceLoraBlock{index}", (ReferenceLoraBlock,), {"block_index": index,
                                                                      "__module__": __name__})
 
-
-def module_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Native module path -> weight shape for every linear layer of the model's DiT."""
-    dm = model.get_model_object("diffusion_model")
-    return {name: tuple(m.weight.shape) for name, m in dm.named_modules()
-            if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim == 2}
-
-
-def apply_reference_adapter(model, lora: ReferenceLora, strength: float):
-    """A clone of ``model`` whose blocks add ``lora`` on reference tokens (``model`` is not changed)."""
-    m = model.clone()
-    to = m.model_options.setdefault("transformer_options", {})
-    to[ADAPTERS_KEY] = list(to.get(ADAPTERS_KEY) or []) + [AdapterUse(lora, strength)]
-    n_blocks = len(m.get_model_object("diffusion_model").blocks)
-    for i in range(n_blocks):
-        if f"diffusion_model.blocks.{i}.forward" in m.object_patches:
-            log.warning("CustomVideoX: another node patches diffusion_model.blocks.%d.forward; its forward runs "
-                        "instead of the reference-branch adapter's for that block", i)
-        m.add_object_patch(f"diffusion_model.blocks.{i}.__class__", block_class(i))
-    return m
-
-
-def apply_global_adapter(model, lora: ReferenceLora, strength: float):
-    """A clone with ``lora`` as a plain weight patch through the host's own LoRA path (``add_patches``),
-    exactly as the host's LoraLoaderModelOnly would apply the same file in native names."""
-    m = model.clone()
-    key_map = comfy.lora.model_lora_keys_unet(m.model, {})
-    patches = comfy.lora.load_lora(lora.state_dict(), key_map, log_missing=False)
-    applied = m.add_patches(patches, strength)
-    if len(applied) != len(lora.pairs):
-        missing = sorted(set(patches) - set(applied))[:3]
-        raise ValueError(f"CustomVideoX: the host did not accept {len(lora.pairs) - len(applied)} of the "
-                         f"adapter's weight patches (e.g. {missing})")
-    return m

@@ -3,7 +3,7 @@
 ``apply_frames_bias(model, entry)`` returns a patched clone of a host ``ModelPatcher`` with:
 
 * a DIFFUSION_MODEL wrapper that, once per model call, finds the reference frames (via
-  :mod:`.wan_backbone`), works out the per-row biases at this call's sampling progress and puts them,
+  :mod:`.wan`, the Wan backbone), works out the per-row biases at this call's sampling progress and puts them,
   with the token layout, in a copy of ``transformer_options``. Nothing is added to the model's input:
   the reference tokens are the model's own;
 * an ``optimized_attention_override`` (chained onto any existing one) that adds the bias on the
@@ -21,23 +21,24 @@ Several patches stack: their biases add.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
 import comfy.patcher_extension as pe
 import torch
 
-from ..cvx_core.entity_region import EntityRegion, entity_map_from_attention, mask_to_token_map
+from ..cvx_core.entity_region import EntityRegion, entity_map_from_attention, mask_to_token_map, refine_map
 from ..cvx_core.frame_layout import FrameLayout, background_column_bias, row_biases, subject_tokens
 from ..cvx_core.reference_attention import column_bias, reference_attention
-from ..cvx_core.tab_schedule import TABSchedule, progress_from_sigmas, reference_bias, strength_to_bias
-from .reference_patch import PatchError
-from .wan_backbone import CallOrder, call_layout, check_self_call, to_heads
+from ..cvx_core.tab_schedule import TABSchedule, reference_bias, strength_to_bias
+from . import options
+from .errors import PatchError
+from .progress import call_progress
+from .run_cache import install_run_cache
+from .wan import CallOrder, Wan, check_self_call, to_heads
 
 NODE = "CustomVideoXReferenceFramesBias"
-KEY = "customvideox_frames"
-ENTRIES_KEY = "customvideox_frames_entries"
-STATE_KEY = "customvideox_frames_state"
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,22 +55,22 @@ class FramesEntry:
     reference_mask: torch.Tensor | None = None  # [1 or n_refs, H, W], 1 = subject
     background_bias: float = -math.inf  # extra logit bias on the tokens outside the subject
 
-    def bias(self, progress: float) -> float:
+    def bias(self, progress: Callable[[str], float]) -> float:
+        """The entry's logit bias; ``progress(mode)`` gives this call's τ in a TAB progress mode."""
         if self.schedule is None:
             return strength_to_bias(self.strength)
-        return reference_bias(self.schedule, progress, self.strength)
+        return reference_bias(self.schedule, progress(self.schedule.progress), self.strength)
+
+    def region_on(self, progress: Callable[[str], float]) -> bool:
+        """ERAE applies from its start_percent on (read in the schedule's progress mode, steps without one)."""
+        r = self.region
+        if r is None:
+            return False
+        return r.start_percent <= 0 or progress(self.schedule.progress if self.schedule else "steps") >= r.start_percent
 
     def in_range(self, block: int, num_blocks: int) -> bool:
         end = num_blocks - 1 if self.block_end < 0 else self.block_end
         return self.block_start <= block <= end
-
-
-def call_progress(transformer_options: dict) -> float:
-    """Sampling progress of this model call (0 outside a sampler). The one place TAB's clock is read."""
-    sigmas, sample_sigmas = transformer_options.get("sigmas"), transformer_options.get("sample_sigmas")
-    if sigmas is None or sample_sigmas is None:
-        return 0.0
-    return progress_from_sigmas(float(sigmas.max()), sample_sigmas)
 
 
 @dataclass
@@ -83,6 +84,8 @@ class FramesState:
     entry_rows: list[torch.Tensor]  # per entry: [B] 1 on the rows it biases (apply_to_uncond), else 0
     num_blocks: int
     cond_row: int
+    backbone: Wan
+    region_on: tuple[bool, ...]  # per entry: ERAE applies at this call's progress
     order: CallOrder = field(default_factory=CallOrder)
     region_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # entry -> [B, Sv]
     cache: dict = field(default_factory=dict)  # (kind, active entries) -> mask / region bias
@@ -147,10 +150,11 @@ def _background(entry: FramesEntry, layout: FrameLayout, rows: list[bool], devic
 
 
 def diffusion_wrapper(executor, x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs):
-    entries: list[FramesEntry] = transformer_options.get(ENTRIES_KEY) or []
+    entries: list[FramesEntry] = transformer_options.get(options.FRAMES_ENTRIES_KEY) or []
     if not entries:
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
-    layout = call_layout(x, time_dim_concat, entries[0].leading_frames, NODE)
+    backbone = Wan(executor.class_obj)
+    layout = backbone.frames_layout(x, time_dim_concat, entries[0].leading_frames, NODE)
     progress = call_progress(transformer_options)
     cond_or_uncond = transformer_options.get("cond_or_uncond") or []
     batch = x.shape[0]
@@ -159,19 +163,20 @@ def diffusion_wrapper(executor, x, timestep, context, clip_fea, time_dim_concat,
     entry_bias = [row_biases([e.bias(progress)] * n, r, n, x.device) for e, r in zip(entries, rows)]
     entry_background = [_background(e, layout, r, x.device) for e, r in zip(entries, rows)]
     if (all(not bool((b != 0).any()) for b in entry_bias) and all(b is None for b in entry_background)
-            and not any(e.region is not None for e in entries)):
+            and not any(e.region_on(progress) for e in entries)):
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
     cond_row = cond_or_uncond.index(0) * (batch // len(cond_or_uncond)) if 0 in cond_or_uncond else 0
-    dm = executor.class_obj
     state = FramesState(entries=entries, layout=layout, entry_bias=entry_bias, entry_background=entry_background,
                         entry_rows=[torch.tensor(r, dtype=torch.float32, device=x.device) for r in rows],
-                        num_blocks=len(dm.blocks), cond_row=cond_row)
+                        num_blocks=backbone.num_blocks, cond_row=cond_row,
+                        backbone=backbone, region_on=tuple(e.region_on(progress) for e in entries))
     for i, e in enumerate(entries):
-        if e.region is not None and e.region.mode == "mask":
-            m = mask_to_token_map(e.region.mask, layout.grid).to(x.device, torch.float32)
-            state.region_maps[i] = e.region.refined(m[None].expand(batch, -1), layout.grid)
+        r = e.region
+        if r is not None and r.mode == "mask" and state.region_on[i]:
+            m = mask_to_token_map(r.mask, layout.grid).to(x.device, torch.float32)
+            state.region_maps[i] = refine_map(m[None].expand(batch, -1), layout.grid, r.refine, r.top_k, r.smooth)
     opts = dict(transformer_options)
-    opts[STATE_KEY] = state
+    opts[options.FRAMES_STATE_KEY] = state
     return executor(x, timestep, context, clip_fea, time_dim_concat, opts, **kwargs)
 
 
@@ -184,10 +189,10 @@ class FramesAttentionOverride:
     def __call__(self, func, *args, **kwargs):
         call = partial(self.prev, func) if self.prev is not None else func
         opts = kwargs.get("transformer_options") or {}
-        state: FramesState | None = opts.get(STATE_KEY)
+        state: FramesState | None = opts.get(options.FRAMES_STATE_KEY)
         if state is None:
             return call(*args, **kwargs)
-        block, is_self, branch = state.order.next(opts)
+        block, is_self, branch = state.backbone.attention_call(state.order, opts)
         q, k, v = args[:3]
         heads = kwargs["heads"] if "heads" in kwargs else args[3]
         active = state.active(block)
@@ -219,7 +224,7 @@ class FramesAttentionOverride:
         layout = state.layout
         for i, e in enumerate(state.entries):
             r = e.region
-            if r is None or r.mode != "auto" or block != r.map_block:
+            if r is None or r.mode != "auto" or block != r.map_block or not state.region_on[i]:
                 continue
             if max(r.entity_idx) >= k.shape[1]:
                 raise ValueError(f"{NODE}: the region's subject words are at text positions up to "
@@ -229,21 +234,23 @@ class FramesAttentionOverride:
                                           (vs, vs + layout.video), r.entity_idx, layout.grid)
             # Only a cond row's prompt holds the entity: its map serves every row.
             m = m[state.cond_row:state.cond_row + 1].expand(q.shape[0], -1)
-            state.region_maps[i] = r.refined(m, layout.grid)
+            state.region_maps[i] = refine_map(m, layout.grid, r.refine, r.top_k, r.smooth)
             state.cache = {key: val for key, val in state.cache.items() if key[0] != "region"}
 
 
 def apply_frames_bias(model, entry: FramesEntry):
     """A patched clone of ``model`` with ``entry`` added (the input model is not changed)."""
     m = model.clone()
-    to = m.model_options.setdefault("transformer_options", {})
-    entries = list(to.get(ENTRIES_KEY) or [])
+    Wan.for_model(m, NODE)
+    to = options.model_options(m)
+    entries = list(to.get(options.FRAMES_ENTRIES_KEY) or [])
     if entries and entries[0].leading_frames != entry.leading_frames:
         raise ValueError(f"{NODE}: this model is already patched with leading_frames="
                          f"{entries[0].leading_frames}; every {NODE} on one model needs the same value")
-    to[ENTRIES_KEY] = entries + [entry]
+    to[options.FRAMES_ENTRIES_KEY] = entries + [entry]
     if not entries:
-        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY, diffusion_wrapper)
-        to["optimized_attention_override"] = FramesAttentionOverride(to.get("optimized_attention_override"))
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, options.FRAMES_WRAPPER_KEY, diffusion_wrapper)
+        install_run_cache(m)  # TAB progress by noise level reads the run's percent_to_sigma
+        to[options.ATTENTION_OVERRIDE_KEY] = FramesAttentionOverride(to.get(options.ATTENTION_OVERRIDE_KEY))
     return m
 

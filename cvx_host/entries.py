@@ -1,0 +1,92 @@
+"""What one CustomVideoXApply adds to a model: a reference and its settings, and the stacking rules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..cvx_core.entity_region import EntityRegion
+from ..cvx_core.reference_timestep import REFERENCE_TIMESTEPS, noised_reference, reference_noise
+from ..cvx_core.tab_schedule import TABSchedule, reference_bias, strength_to_bias
+from .errors import PatchError
+
+MODES = ("two_way", "one_way")
+# Which query rows a reference's strength/TAB bias reaches on its key columns (-inf, "off", reaches all).
+BIAS_ROWS = ("all", "video")
+# How the biased attention is computed: "mask" = the host's attention with a key-column mask (default);
+# "lse" = unmasked fused calls merged by log-sum-exp (keeps GPU flash kernels, bypasses the host's
+# attention choice; exact, not the default until measured on a GPU: bench/gpu_check.py).
+ATTENTION_PATHS = ("mask", "lse")
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceEntry:
+    """One CustomVideoXApply: processed reference latents ``[N, C, F, h, w]`` and settings."""
+
+    latent: torch.Tensor
+    strength: float = 1.0
+    schedule: TABSchedule | None = None
+    region: EntityRegion | None = None
+    block_start: int = 0
+    block_end: int = -1
+    apply_to_uncond: bool = True
+    mode: str = "two_way"
+    ref_rope: str = "negative"
+    bias_rows: str = "all"
+    reference_timestep: str = "sampling"
+    attention_path: str = "mask"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise PatchError(f"CustomVideoXApply attention_mode: {self.mode!r} is not one of {MODES}")
+        if self.attention_path not in ATTENTION_PATHS:
+            raise PatchError(f"CustomVideoXApply attention_path: {self.attention_path!r} is not one of "
+                             f"{ATTENTION_PATHS}")
+        if self.reference_timestep not in REFERENCE_TIMESTEPS:
+            raise PatchError(f"CustomVideoXApply: reference_timestep {self.reference_timestep!r} is not one of "
+                             f"{REFERENCE_TIMESTEPS}")
+        if self.reference_timestep == "clean" and self.mode == "two_way":
+            raise PatchError("CustomVideoXApply: reference_timestep 'clean' needs attention_mode 'one_way': in "
+                             "two_way the reference tokens share the video's batch row, and AdaLN gives every "
+                             "token of a row the sampling timestep; choose one_way, or reference_timestep "
+                             "'sampling' or 'noised'")
+
+    @property
+    def count(self) -> int:
+        return self.latent.shape[0]
+
+    def bias(self, progress: Callable[[str], float]) -> float:
+        """The entry's logit bias; ``progress(mode)`` gives this call's τ in a TAB progress mode."""
+        if self.schedule is None:
+            return strength_to_bias(self.strength)
+        return reference_bias(self.schedule, progress(self.schedule.progress), self.strength)
+
+    def in_range(self, block: int, num_blocks: int) -> bool:
+        end = num_blocks - 1 if self.block_end < 0 else self.block_end
+        return self.block_start <= block <= end
+
+    def model_latent(self, i: int, sigma: torch.Tensor | None) -> torch.Tensor:
+        """Reference ``i`` as the model sees it: ``[B, C, F, h, w]`` noised to ``sigma`` per row
+        (``reference_timestep='noised'``), else the clean latent ``[1, C, F, h, w]``."""
+        latent = self.latent[i:i + 1]
+        if self.reference_timestep != "noised":
+            return latent
+        return noised_reference(latent, sigma, reference_noise(self.latent.shape)[i:i + 1])
+
+
+# ReferenceEntry fields the patch reads from the first entry only, with the Apply input that sets them: one
+# attention layout and one attention path per model call (two-way tokens in the sequence or one-way cached
+# K/V), and one RoPE table in which the video's own positions depend on the placement (shift moves them).
+SHARED_SETTINGS = (("mode", "attention_mode"), ("ref_rope", "reference_rope"), ("attention_path", "attention_path"))
+
+
+def check_stackable(first: ReferenceEntry, entry: ReferenceEntry) -> None:
+    for field_name, input_name in SHARED_SETTINGS:
+        old, new = getattr(first, field_name), getattr(entry, field_name)
+        if old != new:
+            raise PatchError(f"CustomVideoXApply {input_name}: this node has {new!r} but the MODEL already has a "
+                             f"reference with {old!r} from an earlier CustomVideoXApply; stacked references share "
+                             f"one {input_name}: set the same value on every CustomVideoXApply of this model")
+

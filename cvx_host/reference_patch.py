@@ -1,0 +1,278 @@
+"""The inserted-reference patch: a reference image's tokens join the DiT's attention (DESIGN.md §1.1).
+
+``apply_reference(model, entry)`` returns a patched clone of a host ``ModelPatcher`` with:
+
+* a DIFFUSION_MODEL wrapper that, once per model call, works out the per-row biases at this call's
+  progress, the token layout and the ERAE maps (:class:`.forward_state.ForwardState`), and runs the
+  forward with the reference frames in the input (two-way) or their cached K/V (one-way);
+* the attention override (:mod:`.attention_override`), chained onto any existing one;
+* the backbone's own patches (CogVideoX: the RoPE table), the run cache's OUTER_SAMPLE wrapper
+  (:mod:`.run_cache`) and a PREPARE_SAMPLING wrapper that counts the reference frames in the host's
+  memory estimate.
+
+ERAE auto maps are the positive prompt's in every call: a call without cond rows (the host runs uncond
+alone when memory is short) reuses the maps its step's cond call cached, or runs the positive prompt up
+to the last map block (a "probe", ended by :class:`.attention_override.MapsReady`).
+
+Several ``apply_reference`` calls stack: entries accumulate in the model's options; the machinery is
+installed once.
+"""
+
+from __future__ import annotations
+
+import comfy.patcher_extension as pe
+import torch
+
+from ..cvx_core.entity_region import mask_to_token_map, refine_map
+from ..cvx_core.reference_timestep import noised_reference, reference_noise
+from . import options
+from .attention_override import AttentionOverride, MapsReady
+from .backbone import InsertsReferences
+from .cogvideox import CogVideoX
+from .entries import ReferenceEntry, check_stackable
+from .errors import PatchError
+from .forward_state import ForwardState
+from .forward_state import row_bias as build_row_bias
+from .progress import call_progress, call_sigmas
+from .run_cache import RunCache, install_run_cache
+
+
+def _mask_maps(entries: list[ReferenceEntry], grid: tuple[int, int, int], latent_frames: int, batch: int,
+               device: torch.device) -> dict[int, torch.Tensor]:
+    """Entry index -> refined ``[B, Sv]`` map, for every mask-mode region."""
+    maps = {}
+    for e_i, e in enumerate(entries):
+        r = e.region
+        if r is not None and r.mode == "mask":
+            try:
+                m = mask_to_token_map(r.mask, grid, latent_frames)
+            except ValueError as err:
+                raise PatchError(f"CustomVideoXEntityRegion mask: {err}") from err
+            maps[e_i] = refine_map(m.to(device)[None].expand(batch, -1), grid, r.refine, r.top_k, r.smooth)
+    return maps
+
+
+def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, **kwargs):
+    """Once per model call: the biases at this call's progress, the token layout, the ERAE maps, then the
+    forward with the references in the model's input (two-way) or their cached K/V (one-way)."""
+    entries = options.entries(transformer_options)
+    if not entries:
+        return executor(x, timestep, context, ofs, transformer_options, **kwargs)
+    backbone = CogVideoX(executor.class_obj)
+    backbone.check_call(entries, x, context)
+    progress = call_progress(transformer_options)
+    row_bias, owner = build_row_bias(entries, progress,
+                                transformer_options.get("cond_or_uncond") or [],
+                                x.shape[0], x.device)
+    off = torch.isneginf(row_bias).all(dim=1)
+    if bool(off.all()):
+        # Every reference is off for every row: the exact base model, no extra tokens.
+        return executor(x, timestep, context, ofs, transformer_options, **kwargs)
+    # The host passes control=None; other per-call arguments cannot be split by row.
+    by_rows = all(v is None for v in kwargs.values())
+    if bool(off.any()) and transformer_options.get("cond_or_uncond") and by_rows:
+        return _split_rows(executor, off, x, timestep, context, ofs, transformer_options, **kwargs)
+
+    one_way = entries[0].mode == "one_way"
+    layout = backbone.layout(x, context, [e.latent for e in entries for _ in range(e.count)], one_way)
+    grid = layout.grid
+    cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
+    per = x.shape[0] // len(cond_or_uncond)
+    cond_row = cond_or_uncond.index(0) * per if 0 in cond_or_uncond else 0
+    # ERAE's start_percent is read in the entry's TAB progress mode (steps without a schedule).
+    erae_on = tuple(e.region is not None and (
+                    e.region.start_percent <= 0
+                    or progress(e.schedule.progress if e.schedule is not None else "steps") >= e.region.start_percent)
+                    for e in entries)
+    state = ForwardState(entries=entries, backbone=backbone, layout=layout, row_bias=row_bias, ref_owner=owner,
+                         num_blocks=backbone.num_blocks, cond_row=cond_row, map_rows=slice(cond_row, cond_row + per),
+                         erae_on=erae_on, probe=options.is_map_probe(transformer_options),
+                         lse=entries[0].attention_path == "lse")
+
+    # Every mask is checked on the first call (a clear error before sampling goes far); a region is
+    # used only from its start_percent on.
+    masks = _mask_maps(entries, grid, x.shape[2], x.shape[0], x.device)
+    state.region_maps.update({e_i: m for e_i, m in masks.items() if erae_on[e_i]})
+    # ERAE auto reads the positive prompt in every call: from the call's cond rows, else (the host ran the
+    # uncond rows alone) the maps this step's cond call cached, else a probe forward of the positive prompt.
+    # Outside a sampler (no run cache) a call without cond rows reads its own first rows.
+    cache = options.run_cache(transformer_options)
+    text = cache.positive(context) if cache is not None else None
+    auto = [e_i for e_i, e in enumerate(entries) if erae_on[e_i] and e.region.mode == "auto"]
+    if auto and text is not None and by_rows:
+        state.run = cache
+        if 0 in cond_or_uncond:
+            rows = state.map_rows
+            if torch.equal(context[rows], text.expand(per, -1, -1)):
+                state.map_key = (x[rows], timestep[rows])
+        else:
+            cols = {e_i: owner.index(e_i) for e_i in auto}
+            need = [e_i for e_i in auto if bool(torch.isfinite(row_bias[:, cols[e_i]]).any())]
+            maps = _positive_maps(executor, x, timestep, text, ofs, transformer_options, kwargs, cache, need) \
+                if need else {}
+            state.region_maps.update(
+                {e_i: refine_map(m, grid, entries[e_i].region.refine, entries[e_i].region.top_k,
+                                 entries[e_i].region.smooth) for e_i, m in maps.items()})
+            state.maps_given = True
+
+    opts = dict(transformer_options)
+    opts[options.STATE_KEY] = state
+    if one_way:
+        state.ref_kv = _one_way_kv(backbone, entries, context, transformer_options, ofs, x, timestep, cond_row)
+        return executor(x, timestep, context, ofs, opts, **kwargs)
+
+    row_sigmas = call_sigmas(transformer_options, x.shape[0]) \
+        if any(e.reference_timestep == "noised" for e in entries) else None
+    ref_x = [e.model_latent(i, row_sigmas).to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1, -1)
+             for e in entries for i in range(e.count)]
+    return backbone.forward_with_references(executor, x, ref_x, entries[0].ref_rope, timestep, context, ofs, opts,
+                                            **kwargs)
+
+
+def _select_rows(transformer_options: dict, chunks: list[int], idx: torch.Tensor, batch: int) -> dict:
+    """``transformer_options`` for the rows ``idx`` (the chunks ``chunks`` of ``cond_or_uncond``)."""
+    n = len(transformer_options["cond_or_uncond"])
+    opts = {}
+    for key, value in transformer_options.items():
+        if isinstance(value, list) and len(value) == n:
+            value = [value[i] for i in chunks]
+        elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+            value = value[idx]
+        opts[key] = value
+    return opts
+
+
+def _split_rows(executor, off: torch.Tensor, x, timestep, context, ofs, transformer_options, **kwargs):
+    """Rows whose references are all off (e.g. uncond with apply_to_uncond off) run without the
+    reference tokens: exact, and cheaper than masking them inside the batch (bench/README.md)."""
+    chunks = transformer_options["cond_or_uncond"]
+    per = x.shape[0] // len(chunks)
+    out = torch.empty_like(x)
+    for rows_off in (True, False):
+        keep = [i for i in range(len(chunks)) if bool(off[i * per]) == rows_off]
+        idx = torch.tensor([i * per + j for i in keep for j in range(per)], device=x.device)
+        opts = _select_rows(transformer_options, keep, idx, x.shape[0])
+        args = (x[idx], timestep[idx], context[idx], None if ofs is None else ofs[idx], opts)
+        out[idx] = executor(*args, **kwargs) if rows_off else diffusion_wrapper(executor, *args, **kwargs)
+    return out
+
+
+def _positive_maps(executor, x, timestep, text, ofs, transformer_options, kwargs, cache: RunCache,
+                   need: list[int]) -> dict[int, torch.Tensor]:
+    """The positive prompt's raw-normalised ERAE maps ``[B, Sv]`` for a call without cond rows: per chunk,
+    the maps cached for the same (x, timestep), else a probe forward of the positive prompt on that x and
+    timestep, stopped once the maps exist. The same noisy input and text give the same maps as the cond
+    rows of a batched call (x, not sigma alone, is compared: Heun evaluates one sigma at two x)."""
+    chunks = transformer_options["cond_or_uncond"]
+    per = x.shape[0] // len(chunks)
+    parts: dict[int, list[torch.Tensor]] = {e_i: [] for e_i in need}
+    for c in range(len(chunks)):
+        rows = slice(c * per, (c + 1) * per)
+        maps = cache.maps_for(x[rows], timestep[rows])
+        if maps is None or any(e_i not in maps for e_i in need):
+            idx = torch.arange(c * per, (c + 1) * per, device=x.device)
+            opts = _select_rows(transformer_options, [c], idx, x.shape[0])
+            opts.update(cond_or_uncond=[0], **{options.PROBE_KEY: True})
+            try:
+                diffusion_wrapper(executor, x[rows], timestep[rows], text.expand(per, -1, -1),
+                                  None if ofs is None else ofs[rows], opts, **kwargs)
+            except MapsReady as done:
+                maps = done.maps
+            else:
+                raise RuntimeError("CustomVideoX: the ERAE map probe ran past its map blocks")
+        for e_i in need:
+            parts[e_i].append(maps[e_i])
+    return {e_i: torch.cat(p) for e_i, p in parts.items()}
+
+
+def _one_way_kv(backbone: CogVideoX, entries: list[ReferenceEntry], context, transformer_options: dict, ofs, x,
+                timestep, cond_row: int):
+    cache = options.run_cache(transformer_options)
+    run = cache.kv if cache is not None else None
+    # The reference pass reads the positive prompt, whichever rows this call holds (the host may run
+    # cond and uncond in one batch or apart); outside a sampler, the call's cond row.
+    text = cache.positive(context) if cache is not None else None
+    if text is None:
+        text = context[cond_row:cond_row + 1]
+    out = []
+    for e in entries:
+        # clean: one pass per run. sampling / noised: the pass depends on the call's timestep (and sigma),
+        # so it is kept for the current one only (cond and uncond calls of a step share it).
+        t_ref, latent, when = None, e.latent, None
+        if e.reference_timestep != "clean":
+            t_ref = timestep.flatten()[cond_row:cond_row + 1]
+            when = (float(t_ref),)
+            if e.reference_timestep == "noised":
+                sigma = call_sigmas(transformer_options, x.shape[0])[cond_row:cond_row + 1]
+                latent = noised_reference(e.latent, sigma, reference_noise(e.latent.shape))
+                when += (float(sigma),)
+        # The sampler rebuilds the conditioning batch every step: compare the text by value.
+        key = (id(e), x.device, x.dtype)
+        hit = run.get(key) if run is not None else None
+        if hit is not None and hit[1] == when and hit[0].shape == text.shape and torch.equal(hit[0], text):
+            kv = hit[2]
+        else:
+            kv = backbone.reference_stream(latent.to(x.device, x.dtype), text, e.ref_rope, ofs,
+                                           transformer_options, t_ref)
+            if run is not None:
+                run[key] = (text.clone(), when, kv)
+        out.append(kv)
+    # Per block: one (k, v) per reference, in entry order.
+    return [[(k[:, :, j * r:(j + 1) * r], v[:, :, j * r:(j + 1) * r])
+             for e, blocks in zip(entries, out) for k, v in [blocks[b]]
+             for r in [k.shape[2] // e.count] for j in range(e.count)]
+            for b in range(backbone.num_blocks)]
+
+
+def prepare_sampling_wrapper(executor, model, noise_shape, *args, **kwargs):
+    """Count the reference frames in the host's memory estimate (as extra latent frames). One-way
+    references are counted the same way: their cached per-block K/V and their own pass are of the
+    order of one more frame's activations."""
+    entries = options.entries(model.model_options.get("transformer_options", {}))
+    extra = sum(e.latent.shape[2] * e.count for e in entries)
+    if extra and len(noise_shape) == 5:
+        noise_shape = torch.Size([*noise_shape[:2], noise_shape[2] + extra, *noise_shape[3:]])
+    return executor(model, noise_shape, *args, **kwargs)
+
+
+def check_entry(backbone: InsertsReferences, entry: ReferenceEntry, node: str = "CustomVideoXApply") -> None:
+    """The entry's block range and ERAE map blocks fit this model's blocks (clear errors naming ``node``)."""
+    n_blocks = backbone.num_blocks
+    end = n_blocks - 1 if entry.block_end < 0 else entry.block_end
+    if not 0 <= entry.block_start <= end < n_blocks:
+        raise PatchError(f"{node}: block_start..block_end is {entry.block_start}..{entry.block_end}, which is not "
+                         f"inside this model's blocks 0..{n_blocks - 1} (block_end -1 = the last block)")
+    region = entry.region
+    if region is not None and region.mode == "auto" and region.last_map_block >= end:
+        blocks = f"map_block {region.map_block}" + (f" with map_blocks {region.map_blocks} (blocks "
+                                                     f"{region.map_block}..{region.last_map_block})"
+                                                     if region.map_blocks > 1 else "")
+        raise PatchError(f"{node}: the region's {blocks} reaches block {region.last_map_block}, but the "
+                         f"reference is used up to block {end} of 0..{n_blocks - 1}: the map's last block must "
+                         f"be below {end} (lower map_block or map_blocks)")
+
+
+def install(model) -> None:
+    """Give ``model`` (a clone) the patch's machinery once: wrappers, attention override, RoPE table.
+    Entries come separately (:func:`apply_reference`, or per call in training)."""
+    if model.get_wrappers(pe.WrappersMP.DIFFUSION_MODEL, options.WRAPPER_KEY):
+        return
+    to = options.model_options(model)
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, options.WRAPPER_KEY, diffusion_wrapper)
+    model.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, options.WRAPPER_KEY, prepare_sampling_wrapper)
+    install_run_cache(model)
+    to[options.ATTENTION_OVERRIDE_KEY] = AttentionOverride(to.get(options.ATTENTION_OVERRIDE_KEY))
+    CogVideoX.install(model)
+
+
+def apply_reference(model, entry: ReferenceEntry):
+    """A patched clone of ``model`` with ``entry`` added (the input model is not changed). The node checks
+    the entry against the model first (:func:`check_entry`)."""
+    m = model.clone()
+    to = options.model_options(m)
+    entries = list(options.entries(to))
+    if entries:
+        check_stackable(entries[0], entry)
+    to[options.ENTRIES_KEY] = entries + [entry]
+    install(m)
+    return m
