@@ -46,7 +46,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def lse_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int, ref: int,
               bias: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
-    """The pack's ``CVX_ATTENTION=lse`` path (cvx_core.reference_attention_lse) on keys ``[text | ref | video]``
+    """The pack's ``attention_path=lse`` path (cvx_core.reference_attention_lse) on keys ``[text | ref | video]``
     and queries ``[text | ref | video]`` or ``[text | video]``: bias ``[B]`` (+ ``region[B, Sv]`` on video
     queries) on the reference keys."""
     video = k.shape[2] - text - ref

@@ -85,8 +85,10 @@ def configs(pk) -> dict[str, dict[str, Any]]:
         "two-way TAB+ERAE auto": dict(attention_mode="two_way", schedule=tab,
                                       region=pk.er.EntityRegion(mode="auto", entity_idx=(3, 4),
                                                                 map_block=MAP_BLOCK)),
-        "one-way TAB": dict(attention_mode="one_way", schedule=tab),
-        "one-way TAB+ERAE mask": dict(attention_mode="one_way", schedule=tab,
+        # One-way rows measure the cached path: one reference pass per run (reference_timestep "clean"; with
+        # "sampling"/"noised" the pass runs once per step).
+        "one-way TAB": dict(attention_mode="one_way", schedule=tab, reference_timestep="clean"),
+        "one-way TAB+ERAE mask": dict(attention_mode="one_way", schedule=tab, reference_timestep="clean",
                                       region=pk.er.EntityRegion(mode="mask", mask=mask)),
     }
 

@@ -3,7 +3,7 @@
 The model is the host's own ``CogVideoXTransformer3DModel`` at 5B width (48 heads x 64, time embedding 512,
 T5 width 4096) with ``--blocks`` blocks and random weights, loaded as a host ModelPatcher
 (``comfy.sd.load_diffusion_model_state_dict``). Everything after that is the pack's real training path:
-``nodes.train_adapter.training_model_fn`` patches the model (reference-branch adapter blocks + the reference
+``cvx_host.training.training_model_fn`` patches the model (reference-branch adapter blocks + the reference
 machinery, loaded through the host's model management) and ``cvx_core.training.train_adapter`` runs the
 steps on a one-sample in-memory ``CachedDataset`` (random latent, reference latent and T5-width caption
 embedding; the dataset cache, VAE and text encoder are not part of a step). ``mm.in_training`` is set around

@@ -231,7 +231,7 @@ class FramesAttentionOverride:
                                  f"{max(r.entity_idx)}, but the prompt has {k.shape[1]} tokens")
             vs = layout.video_query_start
             m = entity_map_from_attention(to_heads(q, heads), to_heads(k, heads), (0, k.shape[1]),
-                                          (vs, vs + layout.video), r.entity_idx, layout.grid)
+                                          (vs, vs + layout.video), r.entity_idx, layout.grid, norm=r.norm)
             # Only a cond row's prompt holds the entity: its map serves every row.
             m = m[state.cond_row:state.cond_row + 1].expand(q.shape[0], -1)
             state.region_maps[i] = refine_map(m, layout.grid, r.refine, r.top_k, r.smooth)

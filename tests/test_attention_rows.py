@@ -1,6 +1,6 @@
 """Which query rows a reference bias reaches, and the fused log-sum-exp path with a padded log-sum-exp.
 
-* ``CVX_ATTENTION=lse``: torch's CUDA memory-efficient kernel pads its log-sum-exp to a multiple of 32
+* ``attention_path=lse``: torch's CUDA memory-efficient kernel pads its log-sum-exp to a multiple of 32
   along the query axis. The merge must read only the first Sq entries; checked on CPU with a padded
   log-sum-exp built by hand, against masked attention written out densely.
 * ``bias_rows``: ``all`` (default) puts a reference's strength/TAB bias on every query row's logits on its

@@ -92,8 +92,9 @@ def test_reference_off_through_the_patch_equals_diffusers_stock(host, tiny_model
 
 
 @pytest.mark.parametrize("mode", ["two_way", "one_way"])
-def test_lse_attention_switch_equals_the_default_path(host, tiny_models, monkeypatch, mode):
-    """CVX_ATTENTION=lse (fused calls merged by log-sum-exp) computes what the masked default does."""
+def test_lse_attention_path_equals_the_default_path(host, tiny_models, monkeypatch, mode):
+    """CustomVideoXApply attention_path=lse (fused calls merged by log-sum-exp) computes what the masked
+    default does."""
     import comfy.sd
 
     er = host.pack("cvx_core.entity_region")
@@ -104,11 +105,15 @@ def test_lse_attention_switch_equals_the_default_path(host, tiny_models, monkeyp
     t = torch.tensor([500.0, 500.0])
     region = er.EntityRegion(mode="auto", entity_idx=(1, 2), map_block=0, lam=2.0)
     outs = {}
+    ao = host.pack("cvx_host.attention_override")
+    real, fused = ao.reference_attention_lse, []
+    monkeypatch.setattr(ao, "reference_attention_lse", lambda *a, **k: fused.append(1) or real(*a, **k))
     for path in ("mask", "lse"):
-        monkeypatch.setenv("CVX_ATTENTION", path)
+        fused.clear()
         model = comfy.sd.load_diffusion_model_state_dict(tiny_models.native_state_dict("native_1_0"))
         outs[path] = patched_forward(host, model, raw_ref, x, t, ctx, strength=2.0, attention_mode=mode,
-                                     reference_rope="negative", region=region)[1]
+                                     reference_rope="negative", region=region, attention_path=path)[1]
+        assert bool(fused) == (path == "lse")  # the path really taken
     assert torch.allclose(outs["lse"], outs["mask"], atol=1e-5), (outs["lse"] - outs["mask"]).abs().max()
 
 

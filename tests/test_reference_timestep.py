@@ -172,7 +172,7 @@ def test_one_way_reference_pass_is_cached_per_run_or_per_step(pk, case, monkeypa
 
 @pytest.mark.parametrize("reference_timestep", ["sampling", "noised"])
 def test_training_calls_the_model_as_inference_does(pk, case, reference_timestep):
-    ta = pack_module("nodes.train_adapter")
+    ta = pack_module("cvx_host.training")
     lora = pack_module("cvx_core.lora")
     rb = pack_module("cvx_host.adapters")
     model = load(case)

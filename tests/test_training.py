@@ -150,7 +150,7 @@ def test_dataset_errors_are_clear(host, tmp_path):
 def train(host, tiny_models, data, out_dir: Path, **kw):
     tr = host.pack("cvx_core.training")
     lora = host.pack("cvx_core.lora")
-    ta = host.pack("nodes.train_adapter")
+    ta = host.pack("cvx_host.training")
     rb = host.pack("cvx_host.adapters")
     model = load_tiny(tiny_models)
     args = dict(steps=300, learning_rate=3e-3, rank=4, alpha=4.0, seed=0, reference_drop=0.0, text_drop=0.0,

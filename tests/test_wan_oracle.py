@@ -82,11 +82,12 @@ class DenseBiasProcessor:
 
     def _entity_map(self, logits: torch.Tensor) -> None:
         # Video rows' attention to the entity's text tokens: softmax over the text, summed over the
-        # entity, mean over heads, then min-max per frame; the cond row (0) gives the map for all rows.
+        # entity, mean over heads, then per frame the excess over the frame's mean relative to that mean,
+        # clamped to 0..1 (the default "relative" normalisation); the cond row (0) gives the map for all rows.
         p = torch.softmax(logits[0, :, self.spec.video_rows], dim=-1)[..., list(self.spec.auto[1])].sum(-1)
         frames = p.mean(0).view(-1, HW)
-        lo, hi = frames.min(-1, keepdim=True).values, frames.max(-1, keepdim=True).values
-        m = ((frames - lo) / (hi - lo)).flatten()
+        mean = frames.mean(-1, keepdim=True)
+        m = ((frames - mean) / mean).clamp(0, 1).flatten()
         self.spec.region_map = m[None].expand(logits.shape[0], -1)
 
 
@@ -143,8 +144,9 @@ def test_phantom_tab_schedule_uncond_and_block_range_equal_oracle(host, wan_sd):
     schedule = tab.TABSchedule(curve="parabolic", b_min=-0.5, b_max=1.5)
     ours = host_run(host, wan_sd, x, t, ctx, tdc=ref, opts=opts, strength=0.8, schedule=schedule,
                     block_start=1, apply_to_uncond=False)
-    # 0.7 lies between steps 1 (0.8) and 2 (0.6) of 4: tau = (1 + log(0.8/0.7) / log(0.8/0.6)) / 4.
-    tau = (1 + math.log(0.8 / 0.7) / math.log(0.8 / 0.6)) / 4
+    # The model is called at 1.0, 0.8, 0.6, 0.3 (the schedule ends in 0): TAB "steps" progress puts the first
+    # call at 0 and the last at 1, so 0.7, between calls 1 (0.8) and 2 (0.6), is (1 + log(0.8/0.7)/log(0.8/0.6)) / 3.
+    tau = (1 + math.log(0.8 / 0.7) / math.log(0.8 / 0.6)) / 3
     b = math.log(0.8) - 0.5 + 2.0 * 4 * tau * (1 - tau)
     video = T * HW
     spec = Spec(video + HW, slice(video, None), slice(0, video), [b, 0.0], range(1, 2))
@@ -156,7 +158,7 @@ def test_vace_style_leading_frame_with_erae_mask_equals_oracle(host, wan_sd):
     er = host.pack("cvx_core.entity_region")
     x, ref, ctx, t = inputs(2, refs=1, leading=True)
     mask = torch.rand(T, H // 2, W // 2, generator=torch.Generator().manual_seed(5))  # already token-sized
-    region = er.EntityRegion(mode="mask", mask=mask, lam=2.0)
+    region = er.EntityRegion(mode="mask", mask=mask, lam=2.0, start_percent=0.0)
     latent = torch.cat([ref, x], 2)
     ours = host_run(host, wan_sd, latent, t, ctx, strength=0.5, leading_frames=1, region=region)
     video = T * HW
@@ -169,7 +171,7 @@ def test_vace_style_leading_frame_with_erae_mask_equals_oracle(host, wan_sd):
 def test_phantom_erae_auto_map_from_cross_attention_equals_oracle(host, wan_sd):
     er = host.pack("cvx_core.entity_region")
     x, ref, ctx, t = inputs(3, refs=1, leading=False)
-    region = er.EntityRegion(mode="auto", entity_idx=(1, 3), map_block=0, lam=3.0)
+    region = er.EntityRegion(mode="auto", entity_idx=(1, 3), map_block=0, lam=3.0, start_percent=0.0)
     ours = host_run(host, wan_sd, x, t, ctx, tdc=ref, opts={"cond_or_uncond": [0, 1]}, strength=1.5,
                     region=region)
     video = T * HW
@@ -248,7 +250,7 @@ def test_vace_style_background_strength_with_erae_and_uncond_off_equals_oracle(h
     x, ref, ctx, t = inputs(8, refs=1, leading=True)
     masks, subjects = two_subject_masks()
     region = er.EntityRegion(mode="mask", mask=torch.rand(T, H // 2, W // 2, generator=torch.Generator().manual_seed(9)),
-                             lam=1.5)
+                             lam=1.5, start_percent=0.0)
     latent = torch.cat([ref, x], 2)
     ours = host_run(host, wan_sd, latent, t, ctx, opts={"cond_or_uncond": [0, 1]}, strength=0.7, leading_frames=1,
                     region=region, apply_to_uncond=False, reference_mask=masks[:1], background_strength=0.3)

@@ -48,7 +48,7 @@ def test_entity_region_node_auto_mode_with_the_wan_clip(host, clip):
                           subject_words="sunny beach", clip=clip).result[0]
     pieces = pieces_of(clip, PROMPT)
     assert [pieces[p] for p in region.entity_idx] == ["▁sun", "ny", "▁beach"]
-    with pytest.raises(ValueError, match=f'{NODE}: subject_words: entity word "cat" is not in the prompt'):
+    with pytest.raises(ValueError, match=f'{NODE} subject_words: entity word "cat" is not in the prompt'):
         node.execute(mode="auto", lam=1.0, map_block=0, refine="soft", top_k=0.25, smooth=0, prompt=PROMPT,
                      subject_words="cat", clip=clip)
 

@@ -137,7 +137,8 @@ class CVXTestFault(RuntimeError):
 def _weak_objects(obj, depth: int = 3, seen: set | None = None) -> list:
     """``obj`` and the tensors / containers reachable from it (dataclass fields, dicts, lists), for weak refs."""
     seen = set() if seen is None else seen
-    if obj is None or id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool)):
+    # Modules are the MODEL's (the run's state may point at the shared DiT through its backbone), not the run's.
+    if obj is None or id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, torch.nn.Module)):
         return []
     seen.add(id(obj))
     out = [obj] if isinstance(obj, torch.Tensor) or hasattr(obj, "__weakref__") else []
