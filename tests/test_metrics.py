@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cvx_core import metrics as M  # noqa: E402
-from cvx_core.evaluate import load_subject_image  # noqa: E402
+from evaluation.suite import load_subject_image  # noqa: E402
 
 PROXY = M.EfficientNetLite0Encoder()
 
