@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .paths import is_plain_file_name
+
 NATIVE_PROBE = "blocks.0.norm1.linear.weight"
 DIFFUSERS_PROBE = "transformer_blocks.0.norm1.linear.weight"
 # Full ComfyUI checkpoints nest the transformer under the first, diffusers pipeline dumps under the second.
@@ -198,7 +200,7 @@ def _read_index(index: Path) -> dict[str, torch.Tensor]:
                               f"with a non-empty \"weight_map\"; download it again") from e
     shards = sorted(set(weight_map.values()))
     # Shard names come from a file a stranger may have written: plain names in the index's folder only.
-    bad = [s for s in shards if Path(s).name != s or s in (".", "..")]
+    bad = [s for s in shards if not is_plain_file_name(s)]
     if bad:
         raise CheckpointError(f"the shard index {index.name} names shards outside its folder ({bad[:3]}); "
                               f"an index may only name files beside it")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence
 
-from .image_ops import saliency_mask
+from .image_ops import has_subject, saliency_mask
 from .reference_image import SUBJECT_MARGIN, prepare_reference
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
@@ -163,7 +163,7 @@ def cut_out_reference(frame: np.ndarray, mask: np.ndarray, width: int, height: i
     """The masked subject of ``frame`` (``uint8 [H, W, 3]``) on white, cropped to its box (+ ``margin``) and
     padded to ``width`` x ``height``: ``float [height, width, 3]`` in 0..1, by the same function and defaults
     as CustomVideoXReferenceEncode with this frame and mask."""
-    if not (mask > 0.5).any():
+    if not has_subject(mask):
         raise DatasetError("the subject mask of the first frame is empty")
     image = torch.from_numpy(np.ascontiguousarray(frame))[None].float() / 255.0
     return prepare_reference(image, torch.from_numpy(np.ascontiguousarray(mask, np.float32))[None], width, height,

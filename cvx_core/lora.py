@@ -68,10 +68,6 @@ class LoraPair:
         down, up = self.weights_on(x.device, x.dtype)
         return torch.nn.functional.linear(torch.nn.functional.linear(x, down), up) * (self.scale * strength)
 
-    def weight_delta(self) -> torch.Tensor:
-        """The dense ``[out, in]`` update, in fp32 (what the host's weight patch adds)."""
-        return (self.up.float() @ self.down.float()) * self.scale
-
 
 @dataclass
 class AdapterMeta:
