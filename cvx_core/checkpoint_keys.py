@@ -1,5 +1,5 @@
 """CogVideoX transformer checkpoints: reading safetensors files and sharded sets, and the
-diffusers -> ComfyUI-native key rename (design.md §2). Host-free: torch, safetensors, json.
+diffusers -> ComfyUI-native key rename (DESIGN.md §2). Host-free: torch, safetensors, json.
 
 The rename is pure (identical shapes), so a diffusers checkpoint becomes one the host's own
 detection and loader accept unchanged.

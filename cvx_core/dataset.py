@@ -9,7 +9,7 @@ with sidecars beside it: ``NAME.txt`` (the caption, required), ``NAME.subject.tx
 optional: else the word given for the whole set) and ``NAME.mask.png`` (the subject's mask on the
 first frame, optional: else a saliency mask from ``img-focus``).
 
-The reference is the subject cut out of the clip's first frame (design.md §1, training): the mask's
+The reference is the subject cut out of the clip's first frame (DESIGN.md §1.4): the mask's
 bounding box (plus a margin) on a white background, padded to the video size, made by
 :func:`cvx_core.reference_image.prepare_reference` — the function and defaults
 CustomVideoXReferenceEncode uses at inference for a photo with a mask.

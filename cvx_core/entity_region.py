@@ -1,4 +1,4 @@
-"""ERAE: entity region-aware enhancement (design.md §1, part 3).
+"""ERAE: entity region-aware enhancement (DESIGN.md §1.3).
 
 The reference bias is raised where the subject's words attend most: a per-video-token map in [0, 1]
 (from the video queries' attention to the entity's text tokens, or from a user MASK) becomes an extra
@@ -203,7 +203,7 @@ def entity_attention(
     ``text_range``/``video_range``: ``[start, end)`` of the text and video tokens in S;
     ``entity_idx``: positions relative to ``text_range[0]`` (as :func:`find_entity_tokens` gives).
     Per head: softmax of the video queries' logits over the text keys only, summed over the entity
-    columns; then the mean over heads. [reconstructed] (design.md §1, ERAE).
+    columns; then the mean over heads. [reconstructed] (DESIGN.md §1.3).
 
     Computed per batch element: an unconditional row whose prompt lacks the entity gives a
     meaningless map, so callers use the positive prompt's map for every row.
@@ -308,7 +308,7 @@ def mask_to_token_map(
     latent frame 0 and pixel frames ``4j-3 .. 4j`` latent frame ``j`` (the VAE's 4x temporal
     compression), latent frame ``j`` lands on token frame ``j·T // L`` (CogVideoX 1.5 patches two
     latent frames into one, after padding an odd count); frames landing on one token frame are averaged.
-    [reconstructed] averaging over each compressed group of frames (design.md §1, ERAE "user MASK").
+    [reconstructed] averaging over each compressed group of frames (DESIGN.md §1.3, "user MASK").
     """
     t, h, w = _check_grid(grid)
     latent = t if latent_frames is None else int(latent_frames)
@@ -361,7 +361,7 @@ def refine_map(
     replicated borders; then ``mode="soft"`` keeps the values and ``mode="top_k"`` sets the top
     ``top_k`` fraction of each frame's tokens to 1 and the rest to 0.
     [reconstructed] soft by default, as the paper avoids "restrictive spatial constraints"
-    (design.md §1, ERAE).
+    (DESIGN.md §1.3).
     """
     if mode not in REFINE_MODES:
         raise ValueError(f'refine mode "{mode}" is unknown (expected one of {", ".join(REFINE_MODES)})')
@@ -397,7 +397,7 @@ class EntityRegion:
     the later blocks of the same forward. ``mode="mask"``: ``mask`` gives the map. ``lam`` scales the
     extra bias ``λ · map`` on video → reference logits, from sampling progress ``start_percent`` on.
     [reconstructed] map from an early block (default :data:`MAP_BLOCK`) reused by later blocks; λ default
-    1; start default :data:`ERAE_START` (design.md §1, ERAE).
+    1; start default :data:`ERAE_START` (DESIGN.md §1.3).
     """
 
     mode: str = "auto"

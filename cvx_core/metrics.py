@@ -1,4 +1,4 @@
-"""Video metrics for subject-to-video evaluation, honest about what each number is (issue 9).
+"""Video metrics for subject-to-video evaluation, honest about what each number is (DESIGN.md §4).
 
 Every metric returns a :class:`MetricResult` whose ``label`` names the model or algorithm behind it:
 "dynamic degree (Farneback)", "CLIP-I (clip_vision_model, 768-d)", "subject similarity

@@ -1,4 +1,4 @@
-"""TAB: time-aware reference attention bias (design.md §1, part 2).
+"""TAB: time-aware reference attention bias (DESIGN.md §1.2).
 
 Units: ``strength`` is a multiplier of the reference's attention weight (its bias is
 ``log(strength)``); TAB (and ERAE's λ) are additive logit biases on the reference columns, so a bias
@@ -31,7 +31,7 @@ def strength_to_bias(strength: float) -> float:
     """Bias for a reference strength: ``log(strength)``; 0 gives -inf (reference off).
 
     [reconstructed] b = log(strength), so strength multiplies the reference's softmax weight
-    (design.md §1, TAB).
+    (DESIGN.md §1.2).
     """
     strength = float(strength)
     if math.isnan(strength) or strength < 0:
@@ -235,11 +235,11 @@ class TABSchedule:
     (``outside="off"``: reference off).
 
     - parabolic: ``b_min + (b_max - b_min) · 4τ(1 - τ)`` — [reconstructed] paper says "parabola,
-      low at both ends, peak in the middle" (design.md §1, TAB).
+      low at both ends, peak in the middle" (DESIGN.md §1.2).
     - fixed: ``b_max``; linear_up: ``b_min → b_max``; linear_down: ``b_max → b_min``.
     - keyframes: piecewise-linear through ``keyframes`` ((progress, bias) pairs, or text for
       :func:`parse_keyframes`), constant beyond the first/last point; -inf ("off") allowed.
-    - [reconstructed] window re-normalisation and the "base"/"off" outside modes (design.md §1, TAB).
+    - [reconstructed] window re-normalisation and the "base"/"off" outside modes (DESIGN.md §1.2).
 
     - [reconstructed] defaults b_min -1, b_max 0.5: the parabola's mean over τ is
       ``b_min + (b_max - b_min) · 2/3 = 0``, the mean of "no schedule", so TAB tempers the reference at

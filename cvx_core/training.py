@@ -1,4 +1,4 @@
-"""The CustomVideoX adapter training loop (design.md §1 training; issue 6). Host-free.
+"""The CustomVideoX adapter training loop (DESIGN.md §1.4). Host-free.
 
 The base model stays frozen; only the adapter's LoRA pairs train, on the reference branch. The
 caller passes the model as a callable ``model_fn(x_t, t, text, reference, checkpointing) -> v`` (built
