@@ -104,8 +104,8 @@ SMOKE = Geometry("smoke (tiny, not a measurement)", 2, 64, 64, 32, 16, 8, 10)
 
 def boot_host(attention: str = "host", cpu: bool = True) -> None:
     """Parse the host's CLI args (before comfy.model_management is imported) and make it importable."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from harness.host import bootstrap_host_args
+    sys.path.insert(0, str(REPO / "scripts"))
+    from host_boot import bootstrap_host_args
 
     bootstrap_host_args((["--cpu"] if cpu else []) + ATTENTION_FLAGS[attention])
 

@@ -14,7 +14,7 @@ as the unpatched Phantom run already has them; no tokens are added):
 * ``bias+background``    the same with a subject mask hiding the reference's background (same column mask);
 * ``bias+ERAE mask``     the same plus an ERAE region from a mask (per-video-query bias, folded q/k channel).
 
-Target (issue): biasing the existing frames costs <= +2 % over the unpatched run (only the mask). Times are
+Target: biasing the existing frames costs <= +2 % over the unpatched run (only the mask). Times are
 process CPU time with one torch thread (median of interleaved repeats of one whole 1-block DiT call: patch
 embedding, text embedding of 512 tokens, the block, the head). Geometry: 480x832 -> 60x104 latent -> 30x52
 = 1560 tokens per latent frame; ``--frames`` video latent frames (21 = 81 video frames).

@@ -1,5 +1,5 @@
 """CogVideoX transformer checkpoints: reading safetensors files and sharded sets, and the
-diffusers -> ComfyUI-native key rename (design.md §2). Host-free: torch, safetensors, json.
+diffusers -> ComfyUI-native key rename (DESIGN.md §2). Host-free: torch, safetensors, json.
 
 The rename is pure (identical shapes), so a diffusers checkpoint becomes one the host's own
 detection and loader accept unchanged.
@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from .paths import is_plain_file_name
 
 NATIVE_PROBE = "blocks.0.norm1.linear.weight"
 DIFFUSERS_PROBE = "transformer_blocks.0.norm1.linear.weight"
@@ -198,7 +200,7 @@ def _read_index(index: Path) -> dict[str, torch.Tensor]:
                               f"with a non-empty \"weight_map\"; download it again") from e
     shards = sorted(set(weight_map.values()))
     # Shard names come from a file a stranger may have written: plain names in the index's folder only.
-    bad = [s for s in shards if Path(s).name != s or s in (".", "..")]
+    bad = [s for s in shards if not is_plain_file_name(s)]
     if bad:
         raise CheckpointError(f"the shard index {index.name} names shards outside its folder ({bad[:3]}); "
                               f"an index may only name files beside it")

@@ -9,7 +9,7 @@ with sidecars beside it: ``NAME.txt`` (the caption, required), ``NAME.subject.tx
 optional: else the word given for the whole set) and ``NAME.mask.png`` (the subject's mask on the
 first frame, optional: else a saliency mask from ``img-focus``).
 
-The reference is the subject cut out of the clip's first frame (design.md §1, training): the mask's
+The reference is the subject cut out of the clip's first frame (DESIGN.md §1.4): the mask's
 bounding box (plus a margin) on a white background, padded to the video size, made by
 :func:`cvx_core.reference_image.prepare_reference` — the function and defaults
 CustomVideoXReferenceEncode uses at inference for a photo with a mask.
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence
 
+from .image_ops import has_subject, saliency_mask
 from .reference_image import SUBJECT_MARGIN, prepare_reference
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
@@ -144,20 +145,12 @@ def read_frames(clip: Clip, s: PrepSettings) -> np.ndarray:
     return np.stack([np.asarray(_fit(f, s.width, s.height)) for f in picked])
 
 
-def saliency_mask(image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """A subject mask ``float [H, W]`` from ``img-focus``'s saliency model (design.md §6), thresholded at
-    ``threshold`` of the map's range."""
+def _saliency_mask(image: np.ndarray, threshold: float) -> np.ndarray:
     try:
-        from img_focus import Salency
+        return saliency_mask(image, threshold)
     except ImportError as e:
-        raise DatasetError(f"no subject mask was given and the saliency model is not installed: {INSTALL_HINT}, "
-                           f"or put a NAME.mask.png beside each clip") from e
-    heat = Salency().get_heatmap(Image.fromarray(image)).astype(np.float32)
-    heat = np.asarray(Image.fromarray(heat).resize((image.shape[1], image.shape[0]), Image.Resampling.BILINEAR))
-    lo, hi = float(heat.min()), float(heat.max())
-    if hi - lo < 1e-6:
-        return np.ones(image.shape[:2], np.float32)
-    return ((heat - lo) / (hi - lo) >= threshold).astype(np.float32)
+        raise DatasetError(f"no subject mask was given and {e}: {INSTALL_HINT}, or put a NAME.mask.png beside "
+                           f"each clip") from e
 
 
 def _user_mask(path: Path, h: int, w: int) -> np.ndarray:
@@ -170,7 +163,7 @@ def cut_out_reference(frame: np.ndarray, mask: np.ndarray, width: int, height: i
     """The masked subject of ``frame`` (``uint8 [H, W, 3]``) on white, cropped to its box (+ ``margin``) and
     padded to ``width`` x ``height``: ``float [height, width, 3]`` in 0..1, by the same function and defaults
     as CustomVideoXReferenceEncode with this frame and mask."""
-    if not (mask > 0.5).any():
+    if not has_subject(mask):
         raise DatasetError("the subject mask of the first frame is empty")
     image = torch.from_numpy(np.ascontiguousarray(frame))[None].float() / 255.0
     return prepare_reference(image, torch.from_numpy(np.ascontiguousarray(mask, np.float32))[None], width, height,
@@ -234,7 +227,7 @@ def prepare_dataset(folder: str | Path, cache_dir: str | Path, encode_video: Enc
         frames = read_frames(clip, settings)
         first = frames[0]
         mask = _user_mask(clip.mask, *first.shape[:2]) if clip.mask is not None else \
-            saliency_mask(first, settings.saliency_threshold)
+            _saliency_mask(first, settings.saliency_threshold)
         ref = cut_out_reference(first, mask, settings.width, settings.height, settings.margin)
         with torch.no_grad():
             sample = {

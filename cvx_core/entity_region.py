@@ -1,4 +1,4 @@
-"""ERAE: entity region-aware enhancement (design.md §1, part 3).
+"""ERAE: entity region-aware enhancement (DESIGN.md §1.3).
 
 The reference bias is raised where the subject's words attend most: a per-video-token map in [0, 1]
 (from the video queries' attention to the entity's text tokens, or from a user MASK) becomes an extra
@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .image_ops import has_subject, same_aspect
 
 REGION_MODES = ("auto", "mask")
 REFINE_MODES = ("soft", "top_k")
@@ -201,7 +203,7 @@ def entity_attention(
     ``text_range``/``video_range``: ``[start, end)`` of the text and video tokens in S;
     ``entity_idx``: positions relative to ``text_range[0]`` (as :func:`find_entity_tokens` gives).
     Per head: softmax of the video queries' logits over the text keys only, summed over the entity
-    columns; then the mean over heads. [reconstructed] (design.md §1, ERAE).
+    columns; then the mean over heads. [reconstructed] (DESIGN.md §1.3).
 
     Computed per batch element: an unconditional row whose prompt lacks the entity gives a
     meaningless map, so callers use the positive prompt's map for every row.
@@ -282,19 +284,10 @@ def entity_map_from_attention(
     return normalize_entity_map(entity_attention(q, k, text_range, video_range, entity_idx, grid, scale), grid, norm)
 
 
-# Largest relative difference of aspect ratios (height / width) under which a mask is resized to the
-# video (or reference image) it belongs to; beyond it the mask was made for another picture.
-ASPECT_TOLERANCE = 0.01
 # CogVideoX's VAE: 4 video frames per latent frame after the first; 8 pixels per latent cell; the DiT
 # patches 2x2 latent cells into one token.
 VAE_TEMPORAL = 4
 PIXELS_PER_TOKEN = 16
-
-
-def same_aspect(a_hw: tuple[int, int], b_hw: tuple[int, int], tolerance: float = ASPECT_TOLERANCE) -> bool:
-    """Whether two ``(height, width)`` sizes have the same aspect ratio within ``tolerance`` (relative)."""
-    ra, rb = a_hw[0] / a_hw[1], b_hw[0] / b_hw[1]
-    return abs(ra - rb) <= tolerance * rb
 
 
 def video_frames_for(latent_frames: int) -> int:
@@ -307,7 +300,7 @@ def mask_to_token_map(
 ) -> torch.Tensor:
     """A user MASK (``[H, W]``, ``[1, H, W]`` or ``[F, H, W]``, values 0..1) → ``[T*h*w]``.
 
-    The mask must have the video's aspect ratio (within :data:`ASPECT_TOLERANCE`, the rule the reference
+    The mask must have the video's aspect ratio (:func:`cvx_core.image_ops.same_aspect`, the rule the reference
     encoder applies to its mask): each frame is then area-resized to the token grid ``(h, w)``; another
     aspect ratio is an error, never a stretch. Frames: 1 → the same map on every token frame; ``T`` →
     one per token frame; one per video frame (``4·(L-1)+1`` for ``latent_frames`` L, the latent's frame
@@ -315,7 +308,7 @@ def mask_to_token_map(
     latent frame 0 and pixel frames ``4j-3 .. 4j`` latent frame ``j`` (the VAE's 4x temporal
     compression), latent frame ``j`` lands on token frame ``j·T // L`` (CogVideoX 1.5 patches two
     latent frames into one, after padding an odd count); frames landing on one token frame are averaged.
-    [reconstructed] averaging over each compressed group of frames (design.md §1, ERAE "user MASK").
+    [reconstructed] averaging over each compressed group of frames (DESIGN.md §1.3, "user MASK").
     """
     t, h, w = _check_grid(grid)
     latent = t if latent_frames is None else int(latent_frames)
@@ -333,7 +326,7 @@ def mask_to_token_map(
             "(e.g. drawn on a frame of this size)"
         )
     m = mask.detach().to(torch.float32).clamp(0.0, 1.0)
-    if not bool((m > 0).any()):
+    if not has_subject(m):
         raise ValueError("the mask is empty: paint the subject's region, or use auto mode")
     small = F.adaptive_avg_pool2d(m.unsqueeze(1), (h, w)).squeeze(1)  # area resize, [F, h, w]
     n = small.shape[0]
@@ -368,7 +361,7 @@ def refine_map(
     replicated borders; then ``mode="soft"`` keeps the values and ``mode="top_k"`` sets the top
     ``top_k`` fraction of each frame's tokens to 1 and the rest to 0.
     [reconstructed] soft by default, as the paper avoids "restrictive spatial constraints"
-    (design.md §1, ERAE).
+    (DESIGN.md §1.3).
     """
     if mode not in REFINE_MODES:
         raise ValueError(f'refine mode "{mode}" is unknown (expected one of {", ".join(REFINE_MODES)})')
@@ -404,7 +397,7 @@ class EntityRegion:
     the later blocks of the same forward. ``mode="mask"``: ``mask`` gives the map. ``lam`` scales the
     extra bias ``λ · map`` on video → reference logits, from sampling progress ``start_percent`` on.
     [reconstructed] map from an early block (default :data:`MAP_BLOCK`) reused by later blocks; λ default
-    1; start default :data:`ERAE_START` (design.md §1, ERAE).
+    1; start default :data:`ERAE_START` (DESIGN.md §1.3).
     """
 
     mode: str = "auto"
@@ -463,17 +456,3 @@ class EntityRegion:
     def refined(self, token_map: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """:func:`refine_map` with this region's settings."""
         return refine_map(token_map, grid, self.refine, self.top_k, self.smooth)
-
-
-def region_logit_bias(token_map: torch.Tensor, lam: float) -> torch.Tensor:
-    """The per-video-query extra bias ``λ · map`` as float32 ``[B, Sv]`` (``[Sv]`` maps give B = 1).
-
-    The attention code adds it on the reference-key columns only, so its memory is ``4·B·Sv`` bytes
-    (70 KB per batch element at 480×720×49); it is never expanded to a dense ``[Sq, Sk]`` bias.
-    """
-    lam = _check_lam(lam)
-    if token_map.dim() == 1:
-        token_map = token_map.unsqueeze(0)
-    if token_map.dim() != 2:
-        raise ValueError(f"token map has shape {tuple(token_map.shape)}: expected [Sv] or [B, Sv]")
-    return token_map.to(torch.float32) * lam

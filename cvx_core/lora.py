@@ -1,8 +1,8 @@
 """CustomVideoX adapters: LoRA weights for the DiT blocks' projections, their maths, init, save and load.
 
-An adapter maps native module paths (``blocks.N.q``, design.md §2 names) to a low-rank pair
+An adapter maps native module paths (``blocks.N.q``, DESIGN.md §2 names) to a low-rank pair
 ``down [r, in]``, ``up [out, r]`` and a folded ``scale = alpha / r``. In the reference-branch mode
-(default, design.md §1 [reconstructed]) the delta ``scale * up @ down @ x`` is added to the
+(default, DESIGN.md §1.4 [reconstructed]) the delta ``scale * up @ down @ x`` is added to the
 projections of reference tokens only; ``global`` mode gives the same pairs to the host's weight
 patcher. Host-free: torch and safetensors only.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-# The block projections a CustomVideoX adapter may act on (native names, design.md §2).
+# The block projections a CustomVideoX adapter may act on (native names, DESIGN.md §2).
 TARGETS = ("q", "k", "v", "attn_out", "ff_proj", "ff_out")
 DEFAULT_TARGETS = ("q", "k", "v", "attn_out")
 SAVE_PREFIX = "diffusion_model."
@@ -67,10 +67,6 @@ class LoraPair:
         """``strength * scale * (x @ down^T) @ up^T`` for ``x [..., in]``."""
         down, up = self.weights_on(x.device, x.dtype)
         return torch.nn.functional.linear(torch.nn.functional.linear(x, down), up) * (self.scale * strength)
-
-    def weight_delta(self) -> torch.Tensor:
-        """The dense ``[out, in]`` update, in fp32 (what the host's weight patch adds)."""
-        return (self.up.float() @ self.down.float()) * self.scale
 
 
 @dataclass

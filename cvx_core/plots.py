@@ -7,12 +7,14 @@ and units. matplotlib is imported when a chart is drawn, so importing this modul
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from .tab_schedule import TABSchedule
 
 DPI = 100
 
@@ -76,19 +78,22 @@ def curves_image(
 
 
 def tab_curves_image(
-    schedules: Sequence[tuple[str, Any]],
-    bias_at: Callable[[Any, float], float],
+    schedules: Sequence[tuple[str, TABSchedule]],
+    strength: float = 1.0,
     points: int = 256,
     width: int = 640,
     height: int = 320,
 ) -> np.ndarray:
-    """The total reference bias of each named TAB schedule over sampling progress (0..1)."""
+    """The total reference bias ``log(strength) + b(τ)`` of each named TAB schedule over sampling
+    progress; windows other than the whole run are shaded."""
+    from .tab_schedule import reference_bias
+
     xs = [i / (points - 1) for i in range(points)]
-    series = [(name, xs, [bias_at(s, x) for x in xs]) for name, s in schedules]
+    series = [(name, xs, [reference_bias(s, x, strength) for x in xs]) for name, s in schedules]
     windows = [(s.start_percent, s.end_percent) for _, s in schedules
                if (s.start_percent, s.end_percent) != (0.0, 1.0)]
     return curves_image(series, xlabel="sampling progress τ (0 = first step, 1 = last step)",
-                        ylabel="reference logit bias (e^b × weight)", title="TAB schedule",
+                        ylabel=r"logit bias (weight × $e^{\mathrm{bias}}$)", title="TAB schedule",
                         windows=windows, width=width, height=height)
 
 
@@ -103,7 +108,7 @@ def loss_curve_png(losses: Sequence[float], path: str | Path,
     ax.plot(steps, losses, color="#bbbbbb", linewidth=1, label="per step")
     ax.plot(steps, avg, color="#1e5ac8", linewidth=2, label=f"mean of {k} steps")
     ax.set_xlabel("training step")
-    ax.set_ylabel("loss (MSE on video latents)")
+    ax.set_ylabel("loss (mean squared error of the v-prediction)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
@@ -115,7 +120,7 @@ def loss_curve_png(losses: Sequence[float], path: str | Path,
 
 
 def bar_chart_image(title: str, names: Sequence[str], values: Sequence[float | None], ylabel: str,
-                    width: int = 640, height: int = 360) -> np.ndarray:
+                    xlabel: str = "setting", width: int = 640, height: int = 360) -> np.ndarray:
     """One bar per setting; ``None`` (not computable) is labelled n/a rather than drawn as 0."""
     fig, ax = _figure(width, height)
     xs = list(range(len(names)))
@@ -125,6 +130,7 @@ def bar_chart_image(title: str, names: Sequence[str], values: Sequence[float | N
         ax.annotate("n/a" if v is None else f"{v:.3g}", (x, 0 if v is None else v), ha="center",
                     va="bottom", fontsize="small", color="red" if v is None else "black")
     ax.set_xticks(xs, [str(n) for n in names], rotation=20, ha="right", fontsize="small")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)

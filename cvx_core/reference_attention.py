@@ -1,7 +1,7 @@
 """3D reference attention: the joint attention with a bias on the reference keys' logits.
 
 One scaled-dot-product call per block over ``[text | references | video]`` keys
-(design.md §1). Two kinds of bias, neither of them a dense ``Sq x Sk`` tensor:
+(DESIGN.md §1.1). Two kinds of bias, neither of them a dense ``Sq x Sk`` tensor:
 
 * **Column biases** — one logit bias per (batch row, reference), the same for every query:
   a key-column mask of shape ``(B, 1, 1, Sk)``. Peak extra memory: ``B * Sk`` elements
@@ -18,7 +18,7 @@ One scaled-dot-product call per block over ``[text | references | video]`` keys
 Which rows a bias reaches (the callers' rule): ``-inf`` (reference off) is a column bias, so it
 masks the reference from every query, text and reference queries included, which is what makes
 "off" equal the base model (masking only the video queries still lets the reference reach the
-video through the text; design.md §1). A finite strength/TAB bias is a column bias by default
+video through the text; DESIGN.md §1.1). A finite strength/TAB bias is a column bias by default
 ([reconstructed]: one broadcast mask, and every token reading the reference sees it scaled
 alike), or a video-row bias when the user limits it to the video queries. ERAE's bias is always
 a video-row bias.

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .image_ops import has_subject, same_aspect
+
 FILLS: dict[str, float | None] = {"keep": None, "white": 1.0, "grey": 0.5, "black": 0.0}
 FITS = ("pad", "crop", "stretch")
 CROPS = ("subject", "none")
@@ -86,11 +88,11 @@ def _mask_batch(mask: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
             f"MaskComposite)")
     mh, mw = mask.shape[-2:]
     if (mh, mw) != (h, w):
-        if abs(mh / mw - h / w) > 0.01 * (h / w):
+        if not same_aspect((mh, mw), (h, w)):
             raise ReferenceImageError(f"mask: is {mw}x{mh} but the image is {w}x{h}; the aspect ratios differ, so "
                                       f"the mask cannot be mapped; give a mask made from this image")
         mask = F.interpolate(mask[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0].clamp(0, 1)
-    if not bool((mask > 0).any()):
+    if not has_subject(mask):
         raise ReferenceImageError("mask: the subject mask is empty (all zeros); paint the subject, or leave the "
                                   "mask unconnected")
     return mask.expand(n, -1, -1)

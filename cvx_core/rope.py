@@ -9,9 +9,9 @@ interleaved (cos, sin) pairs. What differs between implementations is the *posit
   ``linspace`` (integer positions at the native 480x720 grid, stretched otherwise);
   CogVideoX 1.5 uses integer positions.
 * ``spatial="host"`` reproduces the host's port, which multiplies CogVideoX 1.0 spatial
-  positions by ``spatial_interpolation_scale`` (1.875 by default; design.md §2).
+  positions by ``spatial_interpolation_scale`` (1.875 by default; DESIGN.md §2).
 
-Reference token frames get one shared temporal position by ``ref_rope`` (design.md §1,
+Reference token frames get one shared temporal position by ``ref_rope`` (DESIGN.md §1.1,
 [reconstructed]): ``"negative"`` (default: -1, the video keeps 0..T-1, so the video's own
 attention is unchanged), ``"shift"`` (0, the video shifted to 1..T), or ``"none"``
 (reference tokens are not rotated at all).

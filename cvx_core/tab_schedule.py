@@ -1,4 +1,4 @@
-"""TAB: time-aware reference attention bias (design.md §1, part 2).
+"""TAB: time-aware reference attention bias (DESIGN.md §1.2).
 
 Units: ``strength`` is a multiplier of the reference's attention weight (its bias is
 ``log(strength)``); TAB (and ERAE's λ) are additive logit biases on the reference columns, so a bias
@@ -8,7 +8,7 @@ counter), either by step within the run (``"steps"``) or by noise level over the
 range (``"noise"``), so it is the same for every model call at one noise level, substeps of Heun-type
 samplers included.
 
-Host-free: plain Python and torch; PIL/numpy only inside :func:`plot_schedule_image`.
+Host-free: plain Python and torch (the plot of a schedule is :func:`cvx_core.plots.tab_curves_image`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    import numpy as np
 
 CURVES = ("parabolic", "fixed", "linear_up", "linear_down", "keyframes")
 OUTSIDE_MODES = ("base", "off")
@@ -34,7 +31,7 @@ def strength_to_bias(strength: float) -> float:
     """Bias for a reference strength: ``log(strength)``; 0 gives -inf (reference off).
 
     [reconstructed] b = log(strength), so strength multiplies the reference's softmax weight
-    (design.md §1, TAB).
+    (DESIGN.md §1.2).
     """
     strength = float(strength)
     if math.isnan(strength) or strength < 0:
@@ -238,11 +235,11 @@ class TABSchedule:
     (``outside="off"``: reference off).
 
     - parabolic: ``b_min + (b_max - b_min) · 4τ(1 - τ)`` — [reconstructed] paper says "parabola,
-      low at both ends, peak in the middle" (design.md §1, TAB).
+      low at both ends, peak in the middle" (DESIGN.md §1.2).
     - fixed: ``b_max``; linear_up: ``b_min → b_max``; linear_down: ``b_max → b_min``.
     - keyframes: piecewise-linear through ``keyframes`` ((progress, bias) pairs, or text for
       :func:`parse_keyframes`), constant beyond the first/last point; -inf ("off") allowed.
-    - [reconstructed] window re-normalisation and the "base"/"off" outside modes (design.md §1, TAB).
+    - [reconstructed] window re-normalisation and the "base"/"off" outside modes (DESIGN.md §1.2).
 
     - [reconstructed] defaults b_min -1, b_max 0.5: the parabola's mean over τ is
       ``b_min + (b_max - b_min) · 2/3 = 0``, the mean of "no schedule", so TAB tempers the reference at
@@ -314,29 +311,6 @@ class TABSchedule:
         xs = [i / (n - 1) for i in range(n)]
         return xs, [self.bias_at(x) for x in xs]
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (an "off" keyframe bias is stored as the string "off", not -Infinity)."""
-        return {
-            "curve": self.curve,
-            "b_min": self.b_min,
-            "b_max": self.b_max,
-            "start_percent": self.start_percent,
-            "end_percent": self.end_percent,
-            "outside": self.outside,
-            "keyframes": [[t, "off" if math.isinf(b) else b] for t, b in self.keyframes],
-            "progress": self.progress,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TABSchedule:
-        known = {"curve", "b_min", "b_max", "start_percent", "end_percent", "outside", "keyframes", "progress"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"TAB schedule data has unknown keys {unknown} (expected some of {sorted(known)})"
-            )
-        return cls(**data)
-
 
 def reference_bias(schedule: TABSchedule, progress: float, strength: float = 1.0) -> float:
     """Total video→reference logit bias: ``log(strength) + schedule.bias_at(progress)``."""
@@ -344,80 +318,3 @@ def reference_bias(schedule: TABSchedule, progress: float, strength: float = 1.0
     if math.isinf(base):
         return base
     return base + schedule.bias_at(progress)
-
-
-_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
-
-
-def plot_schedule_image(
-    schedules: list[tuple[str, TABSchedule]],
-    strength: float = 1.0,
-    width: int = 512,
-    height: int = 256,
-) -> np.ndarray:
-    """Draw the total bias ``log(strength) + b(τ)`` of each named schedule; returns uint8 ``[H, W, 3]``.
-
-    Windows are shaded; -inf (reference off) stretches are drawn as a dotted line along the bottom.
-    """
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
-
-    if not schedules:
-        raise ValueError("plot_schedule_image needs at least one (name, TABSchedule) pair")
-    n = max(2, width // 2)
-    series = []
-    for name, schedule in schedules:
-        xs, _ = schedule.curve_points(n)
-        series.append((name, schedule, xs, [reference_bias(schedule, x, strength) for x in xs]))
-    finite = [b for *_, ys in series for b in ys if math.isfinite(b)] or [0.0]
-    lo, hi = min(finite + [0.0]), max(finite + [0.0])
-    if hi - lo < 1e-6:
-        lo, hi = lo - 1.0, hi + 1.0
-    pad = 0.08 * (hi - lo)
-    lo, hi = lo - pad, hi + pad
-
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    left, right, top, bottom = 48, width - 12, 18, height - 34
-
-    def px(x: float) -> float:
-        return left + x * (right - left)
-
-    def py(y: float) -> float:
-        return bottom - (y - lo) / (hi - lo) * (bottom - top)
-
-    for _, schedule, _, _ in series:
-        if schedule.start_percent == 0.0 and schedule.end_percent == 1.0:
-            continue  # no window to show
-        draw.rectangle(
-            [px(schedule.start_percent), top, px(schedule.end_percent), bottom], fill=(236, 240, 248)
-        )
-    draw.line([(left, py(0.0)), (right, py(0.0))], fill=(200, 200, 200))
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill=(0, 0, 0))
-    for i in range(5):
-        x = px(i / 4)
-        draw.line([(x, bottom), (x, bottom + 4)], fill=(0, 0, 0))
-        draw.text((x - 8, bottom + 5), f"{i / 4:g}", fill=(0, 0, 0), font=font)
-    for y in (lo + pad, 0.0, hi - pad):
-        draw.line([(left - 4, py(y)), (left, py(y))], fill=(0, 0, 0))
-        draw.text((4, py(y) - 6), f"{y:.2f}", fill=(0, 0, 0), font=font)
-    draw.text(((left + right) // 2 - 50, height - 14), "sampling progress", fill=(0, 0, 0), font=font)
-    draw.text((left + 4, 3), "bias (log weight)", fill=(0, 0, 0), font=font)
-
-    for k, (name, _, xs, ys) in enumerate(series):
-        colour = _COLOURS[k % len(_COLOURS)]
-        segment: list[tuple[float, float]] = []
-        for x, y in zip(xs, ys):
-            if math.isfinite(y):
-                segment.append((px(x), py(y)))
-                continue
-            if len(segment) > 1:
-                draw.line(segment, fill=colour, width=2)
-            segment = []
-            if round(x * (n - 1)) % 4 == 0:
-                draw.point((px(x), bottom - 2 - k), fill=colour)
-        if len(segment) > 1:
-            draw.line(segment, fill=colour, width=2)
-        draw.text((right - 110, top + 2 + 12 * k), f"- {name}", fill=colour, font=font)
-    return np.asarray(img, dtype=np.uint8).copy()

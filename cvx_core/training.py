@@ -1,4 +1,4 @@
-"""The CustomVideoX adapter training loop (design.md §1 training; issue 6). Host-free.
+"""The CustomVideoX adapter training loop (DESIGN.md §1.4). Host-free.
 
 The base model stays frozen; only the adapter's LoRA pairs train, on the reference branch. The
 caller passes the model as a callable ``model_fn(x_t, t, text, reference, checkpointing) -> v`` (built
@@ -31,6 +31,7 @@ import torch
 
 from .dataset import CachedDataset
 from .lora import DEFAULT_TARGETS, AdapterMeta, ReferenceLora, save_adapter
+from .plots import loss_curve_png
 
 log = logging.getLogger("customvideox")
 
@@ -111,38 +112,6 @@ def save_checkpoint(out_dir: Path, step: int, lora: ReferenceLora, optimizer: to
     torch.save({"step": step, "lora": lora.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses,
                 "rng": gen.get_state(), "settings": settings.compatible()}, tmp)
     tmp.replace(path)
-    return path
-
-
-def loss_curve_png(losses: list[float], path: str | Path, title: str = "CustomVideoX adapter training loss") -> Path:
-    """The per-step loss (grey) and its moving average (blue) as a PNG, drawn with Pillow only."""
-    from PIL import Image, ImageDraw
-
-    w, h, left, right, top, bottom = 900, 480, 70, 20, 40, 50
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.text((left, 12), title, fill="black")
-    if losses:
-        lo, hi = min(losses), max(losses)
-        hi = hi if hi > lo else lo + 1e-8
-        n = len(losses)
-
-        def pt(i: int, v: float) -> tuple[float, float]:
-            x = left + (w - left - right) * (i / max(1, n - 1))
-            return x, top + (h - top - bottom) * (1 - (v - lo) / (hi - lo))
-
-        d.line([pt(i, v) for i, v in enumerate(losses)], fill=(190, 190, 190), width=1)
-        k = max(1, n // 20)
-        avg = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(n)]
-        d.line([pt(i, v) for i, v in enumerate(avg)], fill=(30, 90, 200), width=2)
-        for frac in (0.0, 0.5, 1.0):
-            v = lo + (hi - lo) * frac
-            d.text((5, pt(0, v)[1] - 6), f"{v:.4g}", fill="black")
-        d.text((left, h - bottom + 18), f"step 1 .. {n}   (grey: per step, blue: mean of {k})", fill="black")
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
     return path
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 import comfy.lora
@@ -14,6 +13,7 @@ import torch
 
 from ..cvx_core.lora import TARGETS, ReferenceLora
 from ..cvx_core.lora_keys import KeyReport, LoraKeyError, parse_lora, read_lora_file, select
+from ..cvx_core.paths import is_relative_name
 from . import options
 from .cogvideox_block import block_class
 
@@ -68,9 +68,7 @@ def apply_global_adapter(model, lora: ReferenceLora, strength: float):
 
 def resolve_lora_path(lora_name: str) -> str:
     """The file ``lora_name`` names under the loras roots; no absolute paths, no ``..``."""
-    parts = re.split(r"[/\\]", lora_name)
-    if (not lora_name or "\x00" in lora_name or ".." in parts or os.path.isabs(lora_name)
-            or re.match(r"^[A-Za-z]:", lora_name)):
+    if not is_relative_name(lora_name):
         raise LoraKeyError(f"lora_name {lora_name!r} is not allowed: it must be a path relative to models/{FOLDER} "
                            f"(as listed), without '..' or a drive/absolute path")
     path = folder_paths.get_full_path(FOLDER, lora_name)

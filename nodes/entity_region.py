@@ -14,6 +14,7 @@ from ..cvx_core.entity_region import (
     EntityRegion,
     entity_tokens_with_tokenizer,
 )
+from ..cvx_core.image_ops import has_subject
 from ..cvx_host.prompt_tokens import prompt_tokens
 from .types import CATEGORY, CVXRegion
 
@@ -84,7 +85,7 @@ class CustomVideoXEntityRegion(io.ComfyNode):
             m = mask.float()
             if m.ndim == 2:
                 m = m[None]
-            if not bool((m > 0).any()):
+            if not has_subject(m):
                 raise ValueError("CustomVideoXEntityRegion mask: the mask is empty (all zeros): paint the subject's "
                                  "region, or use auto mode")
             return io.NodeOutput(EntityRegion(mode="mask", mask=m.cpu(), **common), m)

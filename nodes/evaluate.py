@@ -7,21 +7,18 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..cvx_core import metrics as M
-from ..cvx_core.evaluate import clip_text_embedder, frame_strip
+from ..cvx_core.image_ops import frame_strip, label_font
 from .types import CATEGORY
 
 
 def report_image(reference: np.ndarray, frames: np.ndarray, results: dict[str, M.MetricResult]) -> torch.Tensor:
     """The contact strip (reference, first, middle, last frame) above the report lines, as an IMAGE."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     strip = frame_strip(reference, frames, "CustomVideoX evaluation", height=160)
     lines = [line.replace("↑", "(higher is better)").replace("↓", "(lower is better)")
              for line in M.format_results(results).splitlines()]
-    try:
-        font = ImageFont.load_default(size=12)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
+    font = label_font(12)
     width = max(strip.width, 760)
     img = Image.new("RGB", (width, strip.height + 16 * len(lines) + 8), "white")
     img.paste(strip, (0, 0))
@@ -85,7 +82,7 @@ class CustomVideoXEvaluate(io.ComfyNode):
             raise ValueError("CustomVideoXEvaluate: 'frames' must be a video of at least 2 frames")
         results = M.evaluate_video(
             frames, reference[0], reference_mask, prompt=prompt or None, clip_vision=clip_vision,
-            dino_vision=dino_vision, text_embed=clip_text_embedder(clip) if clip is not None else None,
+            dino_vision=dino_vision, text_embed=M.clip_text_embedder(clip) if clip is not None else None,
             options=M.EvalOptions(fps=fps, flow=flow, mask_source=mask_source, max_frames=max_frames))
         text = M.format_results(results)
         sheet = report_image(M.as_frames(reference[:1])[0], M.as_frames(frames), results)

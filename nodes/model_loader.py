@@ -2,7 +2,7 @@
 
 The weights go through the host's own ``comfy.sd.load_diffusion_model_state_dict`` (detection, dtype,
 memory management), so the MODEL is exactly what ``UNETLoader`` would give for a native file; the only
-addition is the optional exact-RoPE object patch (design.md §2), on the training grid a diffusers folder's
+addition is the optional exact-RoPE object patch (DESIGN.md §2), on the training grid a diffusers folder's
 ``config.json`` states (the host's detection reads only the weights).
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any
 
 import comfy.sd
@@ -27,6 +26,8 @@ from ..cvx_core.checkpoint_keys import (
     read_checkpoint,
     strip_prefix,
 )
+from ..cvx_core.paths import is_relative_name
+from ..cvx_core.rope import SPATIAL_MODES
 from ..cvx_host.cogvideox import install_rotary
 from .types import CATEGORY
 
@@ -37,7 +38,6 @@ WEIGHT_DTYPES: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
     "fp8_e4m3fn": torch.float8_e4m3fn,
 }
-ROPE_MODES = ("exact", "host")
 
 
 def list_models() -> list[str]:
@@ -58,9 +58,7 @@ def resolve_model_path(model_name: str) -> str:
     are followed, as the host's own loaders do (models are often linked in from other disks).
     """
     name = model_name.rstrip("/\\")
-    parts = re.split(r"[/\\]", name)
-    if (not name or "\x00" in name or ".." in parts or os.path.isabs(name) or name.startswith(("/", "\\"))
-            or re.match(r"^[A-Za-z]:", name)):
+    if not is_relative_name(name):
         raise CheckpointError(f"model_name {model_name!r} is not allowed: it must be a path relative to "
                               f"models/{FOLDER} (as listed), without '..' or a drive/absolute path")
     for root in folder_paths.get_folder_paths(FOLDER):
@@ -164,7 +162,7 @@ class CustomVideoXModelLoader(io.ComfyNode):
                                tooltip="Weight dtype. default: the host's choice for this device (as UNETLoader); "
                                        "bf16 / fp16: cast on load; fp8_e4m3fn: store weights in fp8 to halve "
                                        "memory (computed in a higher precision, slightly lower quality)."),
-                io.Combo.Input("rope", options=list(ROPE_MODES), default="exact",
+                io.Combo.Input("rope", options=list(SPATIAL_MODES), default="exact",
                                tooltip="Spatial RoPE positions. exact: as the original CogVideoX and diffusers "
                                        "(integer positions at the model's training grid, stretched into it at "
                                        "other sizes; the grid is 480x720, or the sample size a diffusers "
@@ -181,8 +179,8 @@ class CustomVideoXModelLoader(io.ComfyNode):
         where = f"CustomVideoXModelLoader (model_name={model_name!r})"
         if weight_dtype not in WEIGHT_DTYPES:
             raise CheckpointError(f"{where}: weight_dtype {weight_dtype!r} is not one of {list(WEIGHT_DTYPES)}")
-        if rope not in ROPE_MODES:
-            raise CheckpointError(f"{where}: rope {rope!r} is not one of {list(ROPE_MODES)}")
+        if rope not in SPATIAL_MODES:
+            raise CheckpointError(f"{where}: rope {rope!r} is not one of {list(SPATIAL_MODES)}")
         dtype = WEIGHT_DTYPES[weight_dtype]
         model_options = {} if dtype is None else {"dtype": dtype}
         try:

@@ -5,14 +5,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..cvx_core.tab_schedule import (
-    CURVES,
-    OUTSIDE_MODES,
-    PROGRESS_MODES,
-    TABSchedule,
-    parse_keyframes,
-    plot_schedule_image,
-)
+from ..cvx_core.plots import tab_curves_image
+from ..cvx_core.tab_schedule import CURVES, OUTSIDE_MODES, PROGRESS_MODES, TABSchedule, parse_keyframes
 from .types import CATEGORY, CVXSchedule
 
 
@@ -55,7 +49,7 @@ class CustomVideoXTABSchedule(io.ComfyNode):
             ],
             outputs=[
                 CVXSchedule.Output(display_name="schedule"),
-                io.Image.Output(display_name="plot", tooltip="Bias over sampling progress."),
+                io.Image.Output(display_name="plot", tooltip="Bias b over sampling progress (a matplotlib chart)."),
             ],
         )
 
@@ -68,5 +62,5 @@ class CustomVideoXTABSchedule(io.ComfyNode):
             raise ValueError(f"CustomVideoXTABSchedule: keyframes: {e}") from e
         schedule = TABSchedule(curve=curve, b_min=b_min, b_max=b_max, start_percent=start_percent,
                                end_percent=end_percent, outside=outside, keyframes=kf, progress=progress)
-        plot = torch.from_numpy(plot_schedule_image([(curve, schedule)])).float().div(255.0)[None]
+        plot = torch.from_numpy(tab_curves_image([(curve, schedule)])).float().div(255.0)[None]
         return io.NodeOutput(schedule, plot)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import comfy.utils
@@ -21,6 +20,7 @@ from comfy_api.latest import io
 
 from ..cvx_core.dataset import PrepSettings
 from ..cvx_core.lora import DEFAULT_TARGETS, TARGETS
+from ..cvx_core.paths import is_relative_name, is_safe_file_name
 from ..cvx_core.training import TRAIN_REFERENCE_TIMESTEPS, TrainSettings
 from ..cvx_host.cogvideox import CogVideoX
 from ..cvx_host.training import host_encoders, module_fingerprint, train_on_host
@@ -39,8 +39,7 @@ def _base_model_name(model) -> str:
 
 
 def _relative_folder(name: str, what: str) -> str:
-    parts = re.split(r"[/\\]", name.strip())
-    if not name.strip() or ".." in parts or os.path.isabs(name) or re.match(r"^[A-Za-z]:", name):
+    if not is_relative_name(name.strip()):
         raise ValueError(f"CustomVideoXTrainAdapter: {what} {name!r} must be a folder name relative to ComfyUI's "
                          f"input folder, without '..' or an absolute path")
     return os.path.join(folder_paths.get_input_directory(), name.strip())
@@ -113,7 +112,7 @@ class CustomVideoXTrainAdapter(io.ComfyNode):
                 gradient_checkpointing: bool, checkpoint_every: int, resume: bool, seed: int,
                 reference_timestep: str = "sampling") -> io.NodeOutput:
         CogVideoX.for_model(model, "CustomVideoXTrainAdapter")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", adapter_name) or adapter_name.startswith("."):
+        if not is_safe_file_name(adapter_name):
             raise ValueError(f"CustomVideoXTrainAdapter: adapter_name {adapter_name!r} must be a plain file name "
                              f"(letters, digits, _ . -)")
         folder = _relative_folder(dataset_folder, "dataset_folder")

@@ -30,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_files as mf  # noqa: E402
+from host_boot import bootstrap_host_args  # noqa: E402
 from host_server import (  # noqa: E402
     HOST_DIR,
     REPO_ROOT,
@@ -39,7 +40,6 @@ from host_server import (  # noqa: E402
     files_from_ui,
     watch_prompt,
 )
-from pack_import import pack_module  # noqa: E402
 
 DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "api" / "subject_to_video_void.json"
 DEFAULT_YAML = REPO_ROOT / "extra_model_paths.yaml"
@@ -47,9 +47,9 @@ TINY_DIR = REPO_ROOT / ".host" / "tiny_models"
 # The tiny files older versions of this script wrote into models/ (they showed up in the UI's lists).
 TINY_PREFIX = "cvx_tiny_test"  # never taken for real weights
 OLD_TINY_FILES = ("diffusion_models/cvx_tiny_test_model.safetensors", "vae/cvx_tiny_test_vae.safetensors")
-# Random stand-in conditioning for the tiny model; the same node the tests use (loaded into the host
+# Random stand-in conditioning for the tiny model; the same dev node the tests use (loaded into the host
 # subprocess only in tiny mode, never imported by this script).
-STANDIN_NODES_DIR = REPO_ROOT / "tests" / "test_nodes_testonly"
+DEV_NODES_DIR = REPO_ROOT / "devnodes"
 # The default reference and a prompt that describes it: a tabby cat (scikit-image data.chelsea, CC0).
 DEFAULT_IMAGE = "skimage:chelsea"
 DEFAULT_IMAGE_TEXT = "a tabby cat (scikit-image's data.chelsea photo, CC0)"
@@ -237,15 +237,8 @@ def build_tiny() -> dict[str, str]:
     """The tiny random transformer + VAE in TINY_DIR (built once); the names the loaders list them by."""
     import tiny_models
 
-    tiny_models.ensure_host_importable()
-    saved, sys.argv = sys.argv, [sys.argv[0], "--cpu"]  # the host parses its args when comfy is first imported
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        paths = tiny_models.build_tiny_model_set(TINY_DIR, include={"native_1_0", "vae"})
-    finally:
-        sys.argv = saved
+    bootstrap_host_args(["--cpu"])
+    paths = tiny_models.build_tiny_model_set(TINY_DIR, include={"native_1_0", "vae"})
     return {
         mf.TRANSFORMER: paths["native_1_0"].relative_to(TINY_DIR / "diffusion_models").as_posix(),
         mf.VAE: paths["vae"].relative_to(TINY_DIR / "vae").as_posix(),
@@ -450,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     image_name = "cvx_reference.png"
     from PIL import Image
 
-    Image.fromarray(pack_module("cvx_core.evaluate").load_subject_image(plan.image)).save(input_dir / image_name)
+    sys.path.append(str(REPO_ROOT))  # the evaluation suite's image loader (wheel images such as skimage:chelsea)
+    from evaluation.suite import load_subject_image
+
+    Image.fromarray(load_subject_image(plan.image)).save(input_dir / image_name)
     graph = apply_plan(prompt, plan, image_name)
     yaml_lines: list[str] = []
     if plan.tiny:
@@ -461,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         graph = tiny_workflow(apply_plan(prompt, plan, image_name))
         custom = work / "custom_nodes"
         custom.mkdir()
-        (custom / "cvx_standin_nodes").symlink_to(STANDIN_NODES_DIR, target_is_directory=True)
+        (custom / "cvx_dev_nodes").symlink_to(DEV_NODES_DIR, target_is_directory=True)
         yaml_lines += [f"cvx_tiny:\n  base_path: {TINY_DIR}\n  diffusion_models: diffusion_models\n  vae: vae\n"
                        f"  custom_nodes: {custom}\n"]
     for kind, root in plan.extra_roots.items():

@@ -50,7 +50,7 @@ _HOST_1_0_SAMPLE = {"sample_height": 60, "sample_width": 90, "sample_frames": 49
 TEXT_DIM = TINY_CONFIG_1_0["text_embed_dim"]
 LATENT_CHANNELS = 16
 
-# design.md §2: diffusers -> ComfyUI names, a pure rename with identical shapes (order matters:
+# DESIGN.md §2: diffusers -> ComfyUI names, a pure rename with identical shapes (order matters:
 # the more specific patterns first).
 _DIFFUSERS_TO_NATIVE: list[tuple[str, str]] = [
     ("transformer_blocks.", "blocks."),

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 import model_files as mf  # scripts/, beside this file
+from host_boot import bootstrap_host_args, cpu_args
 from pack_import import pack_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-HOST_DIR = REPO_ROOT / ".host" / "ComfyUI"
 TINY_DIR = REPO_ROOT / ".host" / "tiny_models"  # also where `make run` keeps its tiny model
 # The tiny run: small clips, few steps; everything else keeps the real defaults.
 TINY = {"width": 64, "height": 64, "num_frames": 9, "steps": 20, "checkpoint_every": 10, "rank": 4}
@@ -104,22 +104,6 @@ def check_paths(args: argparse.Namespace) -> list[str]:
     except ValueError as e:
         problems.append(f"--data {args.data}: {e}")
     return problems
-
-
-def boot_host(cpu: bool) -> None:
-    """Import the host as main.py would (its args parsed first), without starting a server."""
-    if not (HOST_DIR / "main.py").is_file():
-        raise SystemExit(f"no ComfyUI host at {HOST_DIR}; run `make setup` first")
-    sys.path.insert(0, str(HOST_DIR))
-    saved = sys.argv
-    sys.argv = [str(HOST_DIR / "main.py")] + (["--cpu"] if cpu else [])
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401
-    finally:
-        sys.argv = saved
 
 
 def write_sample_dataset(folder: Path, clips: int = 2, frames: int = 9, size: int = 64) -> Path:
@@ -195,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = args.cpu or not torch.cuda.is_available()
     print(f"device: {'CPU' if cpu else 'GPU (' + torch.cuda.get_device_name(0) + ')'}"
           + (" (no CUDA device found)" if cpu and not args.cpu else ""))
-    boot_host(cpu)
+    bootstrap_host_args(cpu_args(cpu))
     import comfy.sd
     import comfy.utils
 

@@ -105,3 +105,16 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Fixtures that start the host (in-process or as a server) or build its model files.
+_HOST_FIXTURES = {"host", "server", "host_env", "server_env", "tiny_models", "tiny_models_dir"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``unit``: every test that needs no host fixture and is not marked host, server or slow, so
+    ``pytest -m unit`` is the quick host-free level (the host's args are still parsed at import)."""
+    for item in items:
+        if _HOST_FIXTURES.isdisjoint(getattr(item, "fixturenames", ())) and not any(
+                item.get_closest_marker(m) for m in ("host", "server", "slow")):
+            item.add_marker(pytest.mark.unit)

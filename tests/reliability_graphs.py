@@ -1,4 +1,4 @@
-"""Prompt builders and bookkeeping shared by tests/test_reliability_*.py (issue 8).
+"""Prompt builders and bookkeeping shared by tests/test_reliability_*.py.
 
 Graphs use the tiny models (tests/conftest.py ``tiny_models``), core nodes, the pack's nodes and the
 test-only nodes in tests/test_nodes_testonly. Tallies of bad inputs / faults / repeated runs go to

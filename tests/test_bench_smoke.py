@@ -31,6 +31,7 @@ def ok(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # a bench subprocess: about 10 s
 def test_block_bench_smoke_every_row_and_batching() -> None:
     proc = run_bench("block_bench.py", "--smoke", "--repeats", "1", "--warmup", "0", "--batching")
     out = ok(proc)
@@ -46,6 +47,7 @@ def test_block_bench_smoke_every_row_and_batching() -> None:
     assert "round 1/1, row 1/6 unpatched" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # a bench subprocess: about 10 s
 def test_sampling_bench_smoke_and_its_minimum_layer_count() -> None:
     out = ok(run_bench("sampling_bench.py", "--smoke"))
     for row in ("unpatched", "two-way TAB", "two-way TAB+ERAE mask", "two-way TAB+ERAE auto", "one-way TAB",
@@ -62,6 +64,7 @@ def test_sampling_bench_smoke_and_its_minimum_layer_count() -> None:
     assert "Traceback" not in short.stderr, short.stderr
 
 
+@pytest.mark.slow  # a bench subprocess: about 10 s
 def test_train_bench_smoke() -> None:
     out = ok(run_bench("train_bench.py", "--smoke", "--repeats", "1"))
     for row in ("base forward (no ref)", "forward (no grad)", "train step, ckpt on", "train step, ckpt off"):

@@ -14,7 +14,6 @@ from cvx_core.entity_region import (
     ids_from_token_weights,
     mask_to_token_map,
     refine_map,
-    region_logit_bias,
 )
 
 # --- entity tokens, id level ----------------------------------------------------------------------
@@ -381,15 +380,3 @@ def test_entity_region_validation_and_refined():
     for kwargs, word in cases:
         with pytest.raises(ValueError, match=word):
             EntityRegion(**kwargs)
-
-
-def test_region_logit_bias():
-    tmap = torch.tensor([0.0, 0.5, 1.0])
-    bias = region_logit_bias(tmap, 2.0)
-    assert bias.shape == (1, 3) and bias.dtype == torch.float32
-    assert bias.tolist() == [[0.0, 1.0, 2.0]]
-    assert region_logit_bias(torch.ones(2, 3, dtype=torch.float16), 0.5).shape == (2, 3)
-    with pytest.raises(ValueError, match=">= 0"):
-        region_logit_bias(tmap, -0.1)
-    with pytest.raises(ValueError, match=r"expected \[Sv\] or \[B, Sv\]"):
-        region_logit_bias(torch.ones(1, 1, 3), 1.0)

@@ -1,4 +1,4 @@
-"""The evaluation runner (cvx_core.evaluate), the starter suite and the CustomVideoXEvaluate node.
+"""The evaluation runner (evaluation/), the starter suite and the CustomVideoXEvaluate node.
 
 The end-to-end test runs two cases of the shipped example workflow through the real in-process host on
 the tiny random model (numbers meaningless, plumbing real), then resumes and checks nothing reruns."""
@@ -18,19 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cvx_core import evaluate as E  # noqa: E402
+from evaluation import host_backend as HB  # noqa: E402
+from evaluation import runner as R  # noqa: E402
+from evaluation import suite as S  # noqa: E402
 
 STARTER = ROOT / "eval" / "starter_suite.json"
-WORKFLOW = json.loads((ROOT / E.DEFAULT_WORKFLOW).read_text(encoding="utf-8"))
+WORKFLOW = json.loads((ROOT / S.DEFAULT_WORKFLOW).read_text(encoding="utf-8"))
 
 
 def test_starter_suite_shape() -> None:
-    suite = E.load_suite(STARTER)
+    suite = S.load_suite(STARTER)
     assert len(suite.prompts) >= 25
     assert {p.motion for p in suite.prompts} == {"camera", "subject", "background", "style"}
-    assert {s.image for s in suite.subjects} == set(E.WHEEL_IMAGES)
+    assert {s.image for s in suite.subjects} == set(S.WHEEL_IMAGES)
     for s in suite.subjects:
-        img = E.load_subject_image(s.image)
+        img = S.load_subject_image(s.image)
         assert img.dtype.name == "uint8" and img.ndim == 3 and img.shape[2] == 3 and min(img.shape[:2]) >= 256
         assert any(not p.subjects or s.id in p.subjects for p in suite.prompts), s.id
     # The paper's Table 2 rows: base (3D reference attention only), +TAB, +ERAE, +TAB+ERAE.
@@ -45,22 +47,22 @@ def test_bad_suite_is_rejected(tmp_path: Path) -> None:
     bad = json.loads(STARTER.read_text())
     bad["prompts"][0]["text"] = "no placeholder"
     (tmp_path / "s.json").write_text(json.dumps(bad))
-    with pytest.raises(E.SuiteError, match="placeholder"):
-        E.load_suite(tmp_path / "s.json")
+    with pytest.raises(S.SuiteError, match="placeholder"):
+        S.load_suite(tmp_path / "s.json")
 
 
-def _case(row: str) -> E.Case:
-    suite = E.load_suite(STARTER)
+def _case(row: str) -> S.Case:
+    suite = S.load_suite(STARTER)
     return next(c for c in suite.cases(subjects=["cat"]) if c.row.name == row)
 
 
 def test_patch_rows() -> None:
-    video = E.load_suite(STARTER).video
-    base, _ = E.patch_workflow(WORKFLOW, _case("base"), video, "ref.png", E.Models())
+    video = S.load_suite(STARTER).video
+    base, _ = S.patch_workflow(WORKFLOW, _case("base"), video, "ref.png", S.Models())
     apply = next(n for n in base.values() if n["class_type"] == "CustomVideoXApply")["inputs"]
     assert "schedule" not in apply and "region" not in apply
     assert not any(n["class_type"] == "CustomVideoXTABSchedule" for n in base.values())
-    full, decode = E.patch_workflow(WORKFLOW, _case("+TAB+ERAE"), video, "ref.png", E.Models(unet="m.sft"))
+    full, decode = S.patch_workflow(WORKFLOW, _case("+TAB+ERAE"), video, "ref.png", S.Models(unet="m.sft"))
     apply = next(n for n in full.values() if n["class_type"] == "CustomVideoXApply")["inputs"]
     assert full[apply["schedule"][0]]["inputs"]["curve"] == "parabolic"
     region = full[apply["region"][0]]["inputs"]
@@ -68,13 +70,13 @@ def test_patch_rows() -> None:
     assert full[region["clip"][0]]["class_type"] == "CLIPLoader"
     assert full[decode]["class_type"] == "VAEDecode"
     assert full["1"]["inputs"]["model_name"] == "m.sft" and full["6"]["inputs"]["image"] == "ref.png"
-    tiny, _ = E.patch_workflow(WORKFLOW, _case("+TAB+ERAE"), video, "ref.png", E.Models(), tiny=True)
+    tiny, _ = S.patch_workflow(WORKFLOW, _case("+TAB+ERAE"), video, "ref.png", S.Models(), tiny=True)
     assert tiny["cvx_eval_region"]["inputs"]["mode"] == "mask"  # no T5 in the tiny variant
     assert not any(n["class_type"] in ("CLIPLoader", "CLIPTextEncode") for n in tiny.values())
 
 
 def test_cli_lists_cases() -> None:
-    out = subprocess.run([sys.executable, "-m", "cvx_core.evaluate", str(STARTER), "--out", "unused", "--list",
+    out = subprocess.run([sys.executable, "-m", "evaluation", str(STARTER), "--out", "unused", "--list",
                           "--subjects", "rocket", "--rows", "base"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -110,14 +112,14 @@ def test_end_to_end_tiny_and_resume(host, tiny_models, tmp_path: Path) -> None:
     suite_d["grid"]["rows"] = [r for r in suite_d["grid"]["rows"] if r["name"] in ("base", "+TAB+ERAE")]
     suite_path = tmp_path / "suite.json"
     suite_path.write_text(json.dumps(suite_d))
-    suite = E.load_suite(suite_path)
+    suite = S.load_suite(suite_path)
     cases = suite.cases(subjects=["cup"], prompts=["cam_pan_left"])
     assert len(cases) == 2
-    backend = _Counting(E.HostBackend(tiny=True).start())  # reuses the host this test session booted
-    opts = E.RunOptions(models=E.Models(unet=tiny_models.unet, vae=tiny_models.vae), tiny=True, progress=False,
+    backend = _Counting(HB.HostBackend(tiny=True).start())  # reuses the host this test session booted
+    opts = R.RunOptions(models=S.Models(unet=tiny_models.unet, vae=tiny_models.vae), tiny=True, progress=False,
                         video={"width": 64, "height": 48, "length": 5})
     out = tmp_path / "run"
-    report = E.run_suite(suite, out, backend, opts, cases)
+    report = R.run_suite(suite, out, backend, opts, cases)
     assert backend.calls == 2 and report["done"] == 2 and report["failed"] == [], report["failed"]
     rec = json.loads((out / "cases" / f"{cases[0].id}.json").read_text())
     assert rec["status"] == "done" and rec["frames"][1:] == [48, 64, 3] and rec["frames"][0] >= 5
@@ -131,11 +133,11 @@ def test_end_to_end_tiny_and_resume(host, tiny_models, tmp_path: Path) -> None:
         assert (out / "plots" / f"{name}.png").is_file(), name
     # Resume: nothing reruns; a removed case result reruns alone.
     again = _Counting(backend.inner)
-    report = E.run_suite(suite, out, again, opts, cases)
+    report = R.run_suite(suite, out, again, opts, cases)
     assert again.calls == 0 and report["this_run"] == {"ran": 0, "skipped": 2, "failed": 0}
     (out / "cases" / f"{cases[1].id}.json").unlink()
     fake = _Fake(backend.input_dir)  # which cases rerun does not depend on the host
-    report = E.run_suite(suite, out, fake, opts, cases)
+    report = R.run_suite(suite, out, fake, opts, cases)
     assert fake.calls == 1 and report["done"] == 2 and report["this_run"]["skipped"] == 1
 
 

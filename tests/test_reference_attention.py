@@ -232,7 +232,7 @@ def test_no_dense_bias_is_allocated_at_full_geometry():
 
 @pytest.mark.parametrize("one_way", [False, True])
 def test_lse_merge_path_equals_the_masked_path(one_way):
-    """The fused-kernel switch (issue 7): unmasked calls merged by log-sum-exp give the same attention."""
+    """The fused-kernel switch: unmasked calls merged by log-sum-exp give the same attention."""
     from cvx_core.reference_attention import reference_attention_lse
 
     g = torch.Generator().manual_seed(11)

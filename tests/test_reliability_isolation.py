@@ -1,4 +1,4 @@
-"""Issue 8 (2): isolation. The user's MODEL is never changed in place; two patched clones of one model in
+"""Isolation. The user's MODEL is never changed in place; two patched clones of one model in
 one graph give what each gives alone; the pack's attention override chains with another one (a test-only
 recorder) in both orders; a patched model goes through the host's own LoraLoaderModelOnly.
 

@@ -141,7 +141,7 @@ def test_tiny_vae_decodes(host, tiny_models) -> None:
 @pytest.mark.parametrize("kind", ["native_1_0", "native_1_5"])
 def test_diffusers_oracle_matches_host_model(host, tiny_models, kind: str) -> None:
     """The diffusers twin holds the same weights: with the host's RoPE made equal to diffusers' (integer
-    positions, design.md §2), one forward agrees to float precision."""
+    positions, DESIGN.md §2), one forward agrees to float precision."""
     config = tm.TINY_CONFIG_1_0 if kind == "native_1_0" else tm.TINY_CONFIG_1_5
     name = tiny_models.unet if kind == "native_1_0" else tiny_models.unet_1_5
     ours = host.run(_load_prompt(name), capture=[graphs.MODEL]).output(graphs.MODEL).model.diffusion_model

@@ -1,6 +1,5 @@
 """TAB schedules: curve values, windows, keyframes, progress from the host's real sigma schedules."""
 
-import json
 import math
 import types
 
@@ -8,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from cvx_core.plots import tab_curves_image
 from cvx_core.tab_schedule import (
     TABSchedule,
     parse_keyframes,
-    plot_schedule_image,
     progress_from_sigmas,
     reference_bias,
     strength_to_bias,
@@ -137,27 +136,28 @@ def test_schedule_validation_errors(kwargs, words):
         assert word in str(info.value)
 
 
-def test_to_dict_is_strict_json_and_round_trips():
-    s = TABSchedule(curve="keyframes", keyframes="0:off, 0.4:1.5, 1:0", start_percent=0.1, outside="off")
-    data = json.loads(json.dumps(s.to_dict(), allow_nan=False))
-    assert data["keyframes"][0] == [0.0, "off"]
-    assert TABSchedule.from_dict(data) == s
-    with pytest.raises(ValueError, match="unknown keys.*'shape'"):
-        TABSchedule.from_dict({"shape": "parabolic"})
-
-
 def test_curve_points_and_plot():
     s = TABSchedule(b_min=0.0, b_max=1.0, start_percent=0.25, end_percent=0.75, outside="off")
     xs, ys = s.curve_points(5)
     assert xs == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert ys[0] == -math.inf and ys[2] == pytest.approx(1.0) and ys[4] == -math.inf
-    img = plot_schedule_image([("window", s), ("fixed", TABSchedule(curve="fixed", b_max=0.3))], strength=2.0)
-    assert img.shape == (256, 512, 3) and img.dtype == np.uint8
+    img = tab_curves_image([("window", s), ("fixed", TABSchedule(curve="fixed", b_max=0.3))], strength=2.0)
+    assert img.shape == (320, 640, 3) and img.dtype == np.uint8
     assert (img == 255).all(axis=-1).mean() > 0.5  # mostly white background
-    assert (
-        (img[..., 0] == 31) & (img[..., 1] == 119) & (img[..., 2] == 180)
-    ).sum() > 100  # first curve drawn
-    assert ((img == np.array([236, 240, 248], dtype=np.uint8)).all(axis=-1)).sum() > 1000  # window shaded
+
+    def columns(rgb: tuple[int, int, int]) -> np.ndarray:
+        return np.nonzero((img == np.array(rgb, dtype=np.uint8)).all(axis=-1).any(axis=0))[0]
+
+    window, fixed = columns((0x1F, 0x77, 0xB4)), columns((0xFF, 0x7F, 0x0E))  # matplotlib's C0, C1
+    shade = columns((0xDD, 0xE5, 0xF2))
+    assert len(fixed) > 300 and len(shade) > 100
+    # The fixed curve spans progress 0..1, the shaded window 0.25..0.75: half its width, centred.
+    span = fixed.max() - fixed.min()
+    assert (shade.max() - shade.min()) / span == pytest.approx(0.5, abs=0.03)
+    assert (shade.min() - fixed.min()) / span == pytest.approx(0.25, abs=0.03)
+    # The windowed curve is finite inside the window only; outside it is drawn as "off" markers.
+    inside = window[(window >= shade.min()) & (window <= shade.max())]
+    assert len(inside) > 0.9 * len(shade)
 
 
 # --- progress from sigmas -------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import workflow_ui  # noqa: E402
 PY = str(REPO_ROOT / ".venv" / "bin" / "python")
 RUN = [PY, str(REPO_ROOT / "scripts" / "run_example.py")]
 TRAIN = [PY, str(REPO_ROOT / "scripts" / "train_adapter.py")]
-EVAL = [PY, "-m", "cvx_core.evaluate"]
+EVAL = [PY, "-m", "evaluation"]
 STARTER = REPO_ROOT / "eval" / "starter_suite.json"
 UPDATE_SHOTS = os.environ.get("CVX_UPDATE_SCREENSHOTS") == "1"
 
@@ -168,13 +168,15 @@ def test_evaluate_cli_lists_without_out_and_checks_models_first(tmp_path: Path) 
 
 @pytest.mark.host
 def test_evaluate_report_keeps_each_video_and_labels_proxies(host, tiny_models, tmp_path: Path) -> None:
-    from cvx_core import evaluate as E
+    from evaluation import host_backend as HB
+    from evaluation import runner as R
+    from evaluation import suite as S
 
-    suite = E.load_suite(STARTER)
+    suite = S.load_suite(STARTER)
     case = suite.cases(subjects=["cup"], prompts=["cam_pan_left"], rows=["base"], limit=1)
-    opts = E.RunOptions(models=E.Models(unet=tiny_models.unet, vae=tiny_models.vae), tiny=True, progress=False,
+    opts = R.RunOptions(models=S.Models(unet=tiny_models.unet, vae=tiny_models.vae), tiny=True, progress=False,
                         video={"width": 64, "height": 48, "length": 5, "steps": 1})
-    report = E.run_suite(suite, tmp_path, E.HostBackend(tiny=True).start(), opts, case)
+    report = R.run_suite(suite, tmp_path, HB.HostBackend(tiny=True).start(), opts, case)
     assert report["done"] == 1, report["failed"]
     video = tmp_path / "cases" / f"{case[0].id}.mp4"
     assert video.is_file() and video.stat().st_size > 0
@@ -189,9 +191,9 @@ def test_evaluate_report_keeps_each_video_and_labels_proxies(host, tiny_models, 
 def test_plot_font_draws_arrows_and_spaces() -> None:
     from PIL import Image, ImageChops, ImageDraw
 
-    from cvx_core import evaluate as E
+    from cvx_core.image_ops import label_font
 
-    font = E._font(14)
+    font = label_font(14)
 
     def ink(text: str) -> Image.Image:
         img = Image.new("L", (60, 30), 0)

@@ -29,7 +29,7 @@ API_DIR = REPO_ROOT / "workflows" / "api"
 UI_DIR = REPO_ROOT / "workflows" / "ui"
 EXAMPLES_DIR = REPO_ROOT / "example_workflows"
 
-# The five example workflows of issue 5 item 3; a test fails if one is missing or an extra appears.
+# The five example workflows; a test fails if one is missing or an extra appears.
 WORKFLOW_NAMES = (
     "subject_to_video_void",
     "subject_to_video_ksampler",

@@ -7,7 +7,7 @@ version must match the browser, and the same protocol ChromeDriver and Playwrigh
 test only needs four things, all one CDP call each: open a URL, run page JS (awaiting promises), read
 console errors and uncaught exceptions, take a screenshot.
 
-Chromium is started as this machine needs it (design.md §3): headless, no sandbox (root), no GPU,
+Chromium is started as this machine needs it (DESIGN.md §7): headless, no sandbox (root), no GPU,
 no QUIC, no background networking, a fresh ``--user-data-dir`` per browser.
 """
 

@@ -26,7 +26,7 @@ def t2v_prompt(
 
     ``route="void"``: CFGGuider + BasicScheduler + RandomNoise + VOIDSampler + SamplerCustomAdvanced
     (alpha-space DDIM); ``route="ksampler"``: ModelSamplingDiscrete(v_prediction, zsnr) + KSampler —
-    the two routes design.md §2 names for CogVideoX. The sampled LATENT is node ``SAMPLED`` (output 0);
+    the two routes DESIGN.md §2 names for CogVideoX. The sampled LATENT is node ``SAMPLED`` (output 0);
     with ``vae_name`` the decoded IMAGE is node ``DECODED``. Output nodes (a prompt needs one): CVXTestSaveTensor
     writes ``<output>/cvx_test_tensors/<save_name>_latent.pt`` (and ``..._image.pt`` with a VAE).
     """

@@ -1,17 +1,16 @@
 """Run the real ComfyUI host (v0.30.0 in .host/ComfyUI) from tests: in-process and as a server.
 
 In-process (fast): the host's own ``nodes.init_extra_nodes``, ``execution.validate_prompt`` and
-``PromptExecutor.execute_async`` run a prompt dict in the test process (design.md §3).
+``PromptExecutor.execute_async`` run a prompt dict in the test process (scripts/host_boot.py).
 Server (real client): ``main.py --cpu --listen 127.0.0.1 --port P`` in a subprocess, talked to over
 HTTP and the websocket, exactly as the web UI does.
 
 Both load this pack through the host's own ``custom_nodes/`` (setup.sh links it there) plus the
-test-only nodes, and see only a per-session models folder (never the user's ``models/``).
+dev stand-in nodes (devnodes/) and the test-only nodes (tests/test_nodes_testonly), and see only a per-session models folder (never the user's ``models/``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -24,11 +23,15 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import host_boot  # noqa: E402
+from host_boot import bootstrap_host_args  # noqa: E402, F401  (re-exported for the test modules)
 from host_server import HOST_DIR, VENV_PYTHON, HostRunError, HostServer, files_from_ui  # noqa: E402
 
-TEST_NODES_DIR = REPO_ROOT / "tests" / "test_nodes_testonly"
+TEST_NODES_DIR = REPO_ROOT / "tests" / "test_nodes_testonly"  # fault injectors and probes, tests only
+DEV_NODES_DIR = REPO_ROOT / "devnodes"  # stand-ins for T5 and photos, shared with the tiny demo
+NODE_FOLDERS = {"cvx_test_nodes": TEST_NODES_DIR, "cvx_dev_nodes": DEV_NODES_DIR}
 PACK_LINK = HOST_DIR / "custom_nodes" / "comfyui-customvideox"
-# The pack's node ids (issue 3); every one must appear in /object_info.
+# The pack's node ids; every one must appear in /object_info.
 PACK_NODE_IDS = [
     "CustomVideoXModelLoader",
     "CustomVideoXReferenceEncode",
@@ -41,42 +44,6 @@ PACK_NODE_IDS = [
     "CustomVideoXReferenceFramesBias",
 ]
 TEST_NODE_IDS = ["CVXTestTextConditioning", "CVXTestImage", "CVXTestSaveTensor"]
-HOST_ARGV = ["--cpu"]
-
-
-def bootstrap_host_args(argv: Iterable[str] = HOST_ARGV) -> None:
-    """Make the host importable and parse its CLI args as if started with ``argv``.
-
-    Must run before anything imports ``comfy.model_management`` (it reads ``args.cpu`` at import).
-    ``utils.extra_config`` is imported here too: once the host puts ``comfy/`` on ``sys.path`` (custom
-    node loading does), ``utils`` would resolve to ``comfy/utils.py`` instead.
-    """
-    argv = list(argv)
-    if not (HOST_DIR / "main.py").is_file():
-        raise RuntimeError(f"no ComfyUI host at {HOST_DIR}; run `make setup` (or `make test`) first")
-    for p in (str(REPO_ROOT / "scripts"), str(HOST_DIR)):
-        if p in sys.path:
-            sys.path.remove(p)
-        # Host first: its top-level `nodes`/`utils` must win over this repo's `nodes/` package.
-        sys.path.insert(0, p)
-    if "comfy.cli_args" in sys.modules:
-        from comfy.cli_args import args
-
-        if not args.cpu and "--cpu" in argv:
-            raise RuntimeError("comfy.cli_args was imported before bootstrap_host_args(); args.cpu is off")
-    else:
-        saved = sys.argv
-        sys.argv = [str(HOST_DIR / "main.py"), *argv]
-        try:
-            import comfy.options
-
-            comfy.options.enable_args_parsing()
-            import comfy.cli_args  # noqa: F401  (parses sys.argv now)
-        finally:
-            sys.argv = saved
-    import utils.extra_config  # noqa: F401
-
-
 @dataclass
 class HostEnv:
     """A per-session sandbox the host is pointed at: models, custom_nodes, input/output/temp/user."""
@@ -111,9 +78,10 @@ class HostEnv:
             d.mkdir(parents=True, exist_ok=True)
         for d in ("diffusion_models", "vae", "text_encoders", "loras"):
             (env.models_dir / d).mkdir(parents=True, exist_ok=True)
-        link = env.custom_nodes_dir / "cvx_test_nodes"
-        if not link.exists():
-            link.symlink_to(TEST_NODES_DIR, target_is_directory=True)
+        for name, target in NODE_FOLDERS.items():
+            link = env.custom_nodes_dir / name
+            if not link.exists():
+                link.symlink_to(target, target_is_directory=True)
         # The `custom_nodes:` entry is how v0.30.0 takes an extra node folder without touching the host.
         # is_default: the sandbox folders come first, so nodes that write models (the trainer) write there.
         lines = ["cvx_tests:", f"  base_path: {env.models_dir}", "  is_default: true"]
@@ -140,73 +108,23 @@ class RunResult:
         return self.node_outputs[node_id][index]
 
 
-class _ServerStub:
-    """What PromptExecutor needs of a PromptServer; records every message it is sent."""
-
-    def __init__(self) -> None:
-        self.client_id: str | None = None
-        self.last_node_id: str | None = None
-        self.last_prompt_id: str | None = None
-        self.sockets_metadata: dict[str, Any] = {}
-        self.sent: list[tuple[str, Any]] = []
-
-    def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
-        self.sent.append((event, data))
-
-    def queue_updated(self) -> None:
-        pass
-
-
-class InProcessHost:
-    """The host's real node registry and PromptExecutor inside the test process."""
+class InProcessHost(host_boot.InProcessHost):
+    """The host's real node registry and PromptExecutor inside the test process, in the session sandbox."""
 
     def __init__(self, env: HostEnv) -> None:
+        super().__init__()
         self.env = env
-        self.loop = asyncio.new_event_loop()
-        self.server = _ServerStub()
-        self.executor: Any = None
-        self.import_failed: list[str] = []
 
     def start(self) -> InProcessHost:
         bootstrap_host_args()
         import folder_paths
-        import utils.extra_config
 
-        utils.extra_config.load_extra_path_config(str(self.env.yaml_path))
         folder_paths.set_output_directory(str(self.env.output_dir))
         folder_paths.set_input_directory(str(self.env.input_dir))
         folder_paths.set_temp_directory(str(self.env.host_temp_dir))
         folder_paths.set_user_directory(str(self.env.user_dir))
-        import server
-
-        import nodes
-
-        # The real PromptServer object, never started (no port): some host nodes register with
-        # PromptServer.instance at load time (e.g. comfy_extras/nodes_replacements.py), as under main.py.
-        asyncio.set_event_loop(self.loop)
-        self.prompt_server = server.PromptServer(self.loop)
-        self.import_failed = (
-            self.loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-            or []
-        )
-        self.reset()
+        self.load_nodes([self.env.yaml_path])
         return self
-
-    def reset(self) -> None:
-        """A fresh executor: drops every cached node output (models included)."""
-        import execution
-
-        self.executor = execution.PromptExecutor(
-            self.server,
-            cache_type=execution.CacheType.CLASSIC,
-            cache_args={"lru": 0, "ram": 0, "ram_inactive": 0},
-        )
-
-    @property
-    def node_classes(self) -> dict[str, Any]:
-        import nodes
-
-        return nodes.NODE_CLASS_MAPPINGS
 
     def pack(self, name: str) -> Any:
         """A module of the pack as the host loaded it (e.g. ``"cvx_host.reference_patch"``), so its classes
@@ -221,47 +139,16 @@ class InProcessHost:
     ) -> RunResult:
         """Validate and execute an API-format prompt; return its ui outputs and the ``capture``d nodes'
         outputs. Raises HostRunError with the host's message when validation or execution fails."""
-        return self.loop.run_until_complete(self._run(prompt, list(capture), prompt_id or str(uuid.uuid4())))
-
-    async def _run(self, prompt: dict[str, Any], capture: list[str], prompt_id: str) -> RunResult:
-        import execution
-
-        valid, error, outputs, node_errors = await execution.validate_prompt(prompt_id, prompt, None)
-        if not valid:
-            raise HostRunError(
-                f"invalid prompt: {json.dumps(error, indent=1)}\nnode errors: "
-                f"{json.dumps(node_errors, indent=1, default=str)}"
-            )
-        ex = self.executor
-        await ex.execute_async(prompt, prompt_id, {}, outputs)
-        messages = list(ex.status_messages)
-        if not ex.success:
-            errs = [d for ev, d in messages if ev in ("execution_error", "execution_interrupted")]
-            detail = "\n".join(
-                f"node {e.get('node_id')} ({e.get('node_type')}): {e.get('exception_type')}: "
-                f"{e.get('exception_message')}\n{''.join(e.get('traceback') or [])}"
-                for e in errs
-            )
-            raise HostRunError(f"prompt {prompt_id} failed:\n{detail or messages}")
+        prompt_id = self.execute(prompt, prompt_id)
         node_outputs: dict[str, tuple[Any, ...]] = {}
         for node_id in capture:
-            entry = await ex.caches.outputs.get(node_id)
-            if entry is None:
+            outputs = self.cached_outputs(node_id)
+            if outputs is None:
                 raise HostRunError(f"node {node_id} has no cached output (not part of the executed graph?)")
-            node_outputs[node_id] = tuple(
-                o[0] if isinstance(o, list) and len(o) == 1 else o for o in entry.outputs
-            )
-        ui = dict((ex.history_result or {}).get("outputs", {}))
-        return RunResult(
-            prompt_id,
-            ui,
-            node_outputs,
-            messages,
-            files_from_ui(ui, self.env.output_dir, self.env.host_temp_dir),
-        )
-
-    def close(self) -> None:
-        self.loop.close()
+            node_outputs[node_id] = tuple(o[0] if isinstance(o, list) and len(o) == 1 else o for o in outputs)
+        ui = self.ui_outputs()
+        return RunResult(prompt_id, ui, node_outputs, list(self.executor.status_messages),
+                         files_from_ui(ui, self.env.output_dir, self.env.host_temp_dir))
 
 
 @dataclass

@@ -1,130 +1,35 @@
-"""Test-only ComfyUI nodes: loaded into the host only by the test fixtures, never shipped as part of the pack.
+"""Test-only ComfyUI nodes: fault injectors and probes, loaded into the host only by the test fixtures
+(tests/harness/host.py), never shipped as part of the pack. The stand-ins for T5 and photos that the tiny
+demo uses too are in devnodes/.
 
-- CVXTestTextConditioning: random text conditioning of a chosen shape, so no T5 weights are needed.
-- CVXTestImage: a deterministic smooth IMAGE batch (a stand-in reference photo or video).
-- CVXTestSaveTensor: saves any LATENT / IMAGE / MASK / tensor to ``<output>/cvx_test_tensors/<name>.pt``
-  so server tests can compare numbers, not just pixels.
+Reliability nodes (tests/test_reliability_*.py):
+
+- CVXTestForeignModel: a tiny random non-CogVideoX-T2V MODEL built by the host's own loader
+  (Wan 2.1 DiT, or a CogVideoX image-to-video DiT with 32 input channels).
+- CVXTestForeignVAE: a tiny random TAESD-type VAE (the host's comfy.taesd), 4 or 16 latent channels.
+- CVXTestBadImage: an IMAGE with NaN or inf pixels, or an empty batch.
+- CVXTestTokenizerClip: the host's real CLIP class with the real CogVideoX T5 tokenizer and no text
+  encoder weights (tokenizing works, encoding does not): enough for CustomVideoXEntityRegion auto mode.
+- CVXTestAnyString: a string on an untyped ("*") output, as some third-party nodes give, which the
+  host does not check against a combo's list: the pack's own path checks must hold.
+- CVXTestAttentionRecorder: a clone of a MODEL with an ``optimized_attention_override`` that records
+  each call (shapes only, plus weak references to the per-run objects it sees) and chains any override
+  already there; it can also raise, interrupt (the host's interrupt flag) or pause until interrupted.
+
+Wan: CVXTestWanTokenizerClip (below).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
+import weakref
 
 import folder_paths
 import torch
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
-
-TENSOR_SUBFOLDER = "cvx_test_tensors"
-
-
-class CVXTestTextConditioning(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="CVXTestTextConditioning",
-            display_name="CVX Test Text Conditioning (test only)",
-            category="customvideox/testing",
-            inputs=[
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
-                io.Int.Input("length", default=226, min=1, max=4096),
-                io.Int.Input("dim", default=32, min=1, max=8192),
-            ],
-            outputs=[io.Conditioning.Output()],
-        )
-
-    @classmethod
-    def execute(cls, seed: int, length: int, dim: int) -> io.NodeOutput:
-        gen = torch.Generator().manual_seed(seed)
-        cond = torch.randn((1, length, dim), generator=gen)
-        return io.NodeOutput([[cond, {}]])
-
-
-class CVXTestImage(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="CVXTestImage",
-            display_name="CVX Test Image (test only)",
-            category="customvideox/testing",
-            inputs=[
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
-                io.Int.Input("width", default=64, min=8, max=4096),
-                io.Int.Input("height", default=64, min=8, max=4096),
-                io.Int.Input("batch_size", default=1, min=1, max=1024),
-            ],
-            outputs=[io.Image.Output()],
-        )
-
-    @classmethod
-    def execute(cls, seed: int, width: int, height: int, batch_size: int) -> io.NodeOutput:
-        gen = torch.Generator().manual_seed(seed)
-        # Upsampled low-res noise: smooth like a photo, so VAE round trips are meaningful.
-        low = torch.rand((batch_size, 3, max(2, height // 8), max(2, width // 8)), generator=gen)
-        img = torch.nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
-        return io.NodeOutput(img.permute(0, 2, 3, 1).clamp(0.0, 1.0).contiguous())
-
-
-class CVXTestSaveTensor(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="CVXTestSaveTensor",
-            display_name="CVX Test Save Tensor (test only)",
-            category="customvideox/testing",
-            inputs=[
-                io.AnyType.Input("value"),
-                io.String.Input("name", default="tensor"),
-            ],
-            outputs=[],
-            is_output_node=True,
-        )
-
-    @classmethod
-    def execute(cls, value: object, name: str) -> io.NodeOutput:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
-            raise ValueError(f"name must be a plain file name, got {name!r}")
-        if isinstance(value, dict) and "samples" in value:  # LATENT
-            value = value["samples"]
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"CVXTestSaveTensor needs a tensor or LATENT, got {type(value).__name__}")
-        folder = os.path.join(folder_paths.get_output_directory(), TENSOR_SUBFOLDER)
-        os.makedirs(folder, exist_ok=True)
-        filename = f"{name}.pt"
-        torch.save(value.detach().cpu().clone(), os.path.join(folder, filename))
-        saved = {"filename": filename, "subfolder": TENSOR_SUBFOLDER, "type": "output"}
-        return io.NodeOutput(ui={"cvx_tensors": [saved]})
-
-
-class CVXTestNodes(ComfyExtension):
-    @override
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CVXTestTextConditioning, CVXTestImage, CVXTestSaveTensor]
-
-
-async def comfy_entrypoint() -> CVXTestNodes:
-    return CVXTestNodes()
-
-
-# ------------------------------------------------------------------------------------------------
-# Reliability test nodes (issue 8; tests/test_reliability_*.py). Appended; the entry point below
-# supersedes the one above so the original node list stays untouched.
-#
-# - CVXTestForeignModel: a tiny random non-CogVideoX-T2V MODEL built by the host's own loader
-#   (Wan 2.1 DiT, or a CogVideoX image-to-video DiT with 32 input channels).
-# - CVXTestForeignVAE: a tiny random TAESD-type VAE (the host's comfy.taesd), 4 or 16 latent channels.
-# - CVXTestBadImage: an IMAGE with NaN or inf pixels, or an empty batch.
-# - CVXTestTokenizerClip: the host's real CLIP class with the real CogVideoX T5 tokenizer and no text
-#   encoder weights (tokenizing works, encoding does not): enough for CustomVideoXEntityRegion auto mode.
-# - CVXTestAnyString: a string on an untyped ("*") output, as some third-party nodes give, which the
-#   host does not check against a combo's list: the pack's own path checks must hold.
-# - CVXTestAttentionRecorder: a clone of a MODEL with an ``optimized_attention_override`` that records
-#   each call (shapes only, plus weak references to the per-run objects it sees) and chains any override
-#   already there; it can also raise, interrupt (the host's interrupt flag) or pause until interrupted.
-
-import time  # noqa: E402
-import weakref  # noqa: E402
 
 RECORDS: dict[str, list[dict]] = {}  # tag -> one entry per attention call (no strong tensor refs)
 RUN_WEAKREFS: dict[str, list[weakref.ref]] = {}  # tag -> weak refs to per-run objects seen in calls
@@ -548,14 +453,14 @@ RELIABILITY_NODES: list[type[io.ComfyNode]] = [
 ]
 
 
-class CVXTestNodesWithReliability(ComfyExtension):
+class CVXTestNodes(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*await CVXTestNodes().get_node_list(), *RELIABILITY_NODES]
+        return list(RELIABILITY_NODES)
 
 
-async def comfy_entrypoint() -> CVXTestNodesWithReliability:  # noqa: F811  (supersedes the entry point above)
-    return CVXTestNodesWithReliability()
+async def comfy_entrypoint() -> CVXTestNodes:
+    return CVXTestNodes()
 
 
 # ------------------------------------------------------------------------------------------------
