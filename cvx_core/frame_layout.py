@@ -57,19 +57,18 @@ def frame_layout(grid: tuple[int, int, int], ref_frames: int, after_video: bool)
 
 
 def row_biases(biases: Sequence[float], rows_biased: Sequence[bool], n_refs: int,
-               device: torch.device | None = None) -> torch.Tensor:
+               device: torch.device | None = None, unbiased: Sequence[float] | None = None) -> torch.Tensor:
     """Per-row, per-reference logit biases ``[B, n_refs]``.
 
     ``biases[i]``: the bias of reference i (strength and schedule); rows whose ``rows_biased`` is False
-    get 0, i.e. the attention the model computes without this pack (the reference frames are part of
-    the model's own input, so "unbiased" is not "off").
+    get ``unbiased[i]`` (default 0: the attention the model computes without this pack — frames that are
+    part of the model's own input are "unbiased", not "off"; an inserted reference is -inf there: off).
     """
-    if len(biases) != n_refs:
+    if len(biases) != n_refs or (unbiased is not None and len(unbiased) != n_refs):
         raise ValueError(f"{len(biases)} reference biases for {n_refs} reference frames")
-    out = torch.zeros(len(rows_biased), n_refs)
-    for r, on in enumerate(rows_biased):
-        if on:
-            out[r] = torch.tensor([float(b) for b in biases])
+    off = torch.tensor([float(b) for b in unbiased]) if unbiased is not None else torch.zeros(n_refs)
+    on = torch.tensor([float(b) for b in biases])
+    out = torch.stack([on if r else off for r in rows_biased]) if len(rows_biased) else torch.zeros(0, n_refs)
     return out.to(device) if device is not None else out
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import comfy.patcher_extension as pe
@@ -54,6 +54,20 @@ class FramesEntry:
     leading_frames: int = 0
     reference_mask: torch.Tensor | None = None  # [1 or n_refs, H, W], 1 = subject
     background_bias: float = -math.inf  # extra logit bias on the tokens outside the subject
+    # An inserted reference (CustomVideoXApply on Wan T2V): its own frames [start, end) among the inserted
+    # ones; "unbiased" (uncond with apply_to_uncond off, blocks outside the range) means off (-inf) for
+    # them, not the model's own attention. None: the model's own frames (Phantom/VACE), all of them.
+    frames: tuple[int, int] | None = None
+
+    def columns(self, n_refs: int) -> list[bool]:
+        """Which of the call's reference frames this entry biases."""
+        return [self.frames is None or self.frames[0] <= i < self.frames[1] for i in range(n_refs)]
+
+    def biases(self, progress: Callable[[str], float], n_refs: int) -> tuple[list[float], list[float]]:
+        """Per reference frame: the bias on the rows this entry biases, and on the others."""
+        b, off = self.bias(progress), (0.0 if self.frames is None else -math.inf)
+        cols = self.columns(n_refs)
+        return [b if c else 0.0 for c in cols], [off if c else 0.0 for c in cols]
 
     def bias(self, progress: Callable[[str], float]) -> float:
         """The entry's logit bias; ``progress(mode)`` gives this call's τ in a TAB progress mode."""
@@ -80,6 +94,7 @@ class FramesState:
     entries: list[FramesEntry]
     layout: FrameLayout
     entry_bias: list[torch.Tensor]  # per entry: [B, n_refs]
+    entry_off: list[torch.Tensor | None]  # per entry: [B, n_refs] in blocks outside its range (None = 0)
     entry_background: list[torch.Tensor | None]  # per entry: [B, keys] background column bias, or None
     entry_rows: list[torch.Tensor]  # per entry: [B] 1 on the rows it biases (apply_to_uncond), else 0
     num_blocks: int
@@ -94,8 +109,9 @@ class FramesState:
         return tuple(e.in_range(block, self.num_blocks) for e in self.entries)
 
     def bias(self, active: tuple[bool, ...]) -> torch.Tensor:
-        """``[B, n_refs]``: the sum of the biases of the entries active in this block."""
-        return sum((b for b, on in zip(self.entry_bias, active) if on), torch.zeros_like(self.entry_bias[0]))
+        """``[B, n_refs]``: the sum of the entries' biases in this block (inactive ones: their "off" bias)."""
+        parts = [b if on else off for b, off, on in zip(self.entry_bias, self.entry_off, active)]
+        return sum((p for p in parts if p is not None), torch.zeros_like(self.entry_bias[0]))
 
     def mask(self, active: tuple[bool, ...], dtype: torch.dtype) -> torch.Tensor | None:
         key = ("mask", active, dtype)  # built once per call and block set, not once per block
@@ -114,10 +130,14 @@ class FramesState:
             return None
         key = ("region", uses)
         if key not in self.cache:
-            total = sum(self.region_maps[i] * (self.entries[i].region.lam * self.entry_rows[i][:, None])
-                        for i, u in enumerate(uses) if u)
             n = len(self.layout.refs)
-            self.cache[key] = total[:, None].expand(-1, n, -1)
+            total = torch.zeros(self.entry_bias[0].shape[0], n, self.layout.video, device=self.entry_bias[0].device)
+            for i, u in enumerate(uses):
+                if u:  # an entry's map on its own frames' columns
+                    cols = torch.tensor(self.entries[i].columns(n), device=total.device)
+                    m = self.region_maps[i] * (self.entries[i].region.lam * self.entry_rows[i][:, None])
+                    total[:, cols] += m[:, None]
+            self.cache[key] = total
         return self.cache[key]
 
 
@@ -154,19 +174,37 @@ def diffusion_wrapper(executor, x, timestep, context, clip_fea, time_dim_concat,
     if not entries:
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
     backbone = Wan(executor.class_obj)
-    layout = backbone.frames_layout(x, time_dim_concat, entries[0].leading_frames, NODE)
+    inserted = transformer_options.get(options.INSERTED_FRAMES_KEY) or []
+    if inserted:  # CustomVideoXApply on Wan T2V: the references go in as leading frames, then off the output
+        backbone.check_call(inserted, x)
+        refs = [r.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1, -1) for r in inserted]
+        n_in = sum(r.shape[2] for r in refs)
+        out = _biased_call(executor, entries, backbone, torch.cat([*refs, x], dim=2), n_in, timestep, context,
+                           clip_fea, time_dim_concat, transformer_options, **kwargs)
+        return out[:, :, n_in:]
+    return _biased_call(executor, entries, backbone, x, entries[0].leading_frames, timestep, context, clip_fea,
+                        time_dim_concat, transformer_options, **kwargs)
+
+
+def _biased_call(executor, entries: list[FramesEntry], backbone: Wan, x, leading: int, timestep, context, clip_fea,
+                 time_dim_concat, transformer_options: dict, **kwargs):
+    layout = backbone.frames_layout(x, time_dim_concat, leading, NODE)
     progress = call_progress(transformer_options)
     cond_or_uncond = transformer_options.get("cond_or_uncond") or []
     batch = x.shape[0]
     n = len(layout.refs)
     rows = [_rows_biased(e, cond_or_uncond, batch) for e in entries]
-    entry_bias = [row_biases([e.bias(progress)] * n, r, n, x.device) for e, r in zip(entries, rows)]
+    pairs = [e.biases(progress, n) for e in entries]
+    entry_bias = [row_biases(on, r, n, x.device, unbiased=off) for (on, off), r in zip(pairs, rows)]
+    entry_off = [None if e.frames is None else row_biases(off, [False] * batch, n, x.device, unbiased=off)
+                 for e, (_, off) in zip(entries, pairs)]
     entry_background = [_background(e, layout, r, x.device) for e, r in zip(entries, rows)]
     if (all(not bool((b != 0).any()) for b in entry_bias) and all(b is None for b in entry_background)
             and not any(e.region_on(progress) for e in entries)):
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
     cond_row = cond_or_uncond.index(0) * (batch // len(cond_or_uncond)) if 0 in cond_or_uncond else 0
-    state = FramesState(entries=entries, layout=layout, entry_bias=entry_bias, entry_background=entry_background,
+    state = FramesState(entries=entries, layout=layout, entry_bias=entry_bias, entry_off=entry_off,
+                        entry_background=entry_background,
                         entry_rows=[torch.tensor(r, dtype=torch.float32, device=x.device) for r in rows],
                         num_blocks=backbone.num_blocks, cond_row=cond_row,
                         backbone=backbone, region_on=tuple(e.region_on(progress) for e in entries))
@@ -247,10 +285,80 @@ def apply_frames_bias(model, entry: FramesEntry):
     if entries and entries[0].leading_frames != entry.leading_frames:
         raise ValueError(f"{NODE}: this model is already patched with leading_frames="
                          f"{entries[0].leading_frames}; every {NODE} on one model needs the same value")
+    if to.get(options.INSERTED_FRAMES_KEY):
+        raise PatchError(f"{NODE} model: this MODEL already has a reference inserted by CustomVideoXApply; bias its "
+                         f"frames with CustomVideoXApply's own strength/schedule/region, or use {NODE} on a "
+                         f"Phantom/VACE graph without CustomVideoXApply")
     to[options.FRAMES_ENTRIES_KEY] = entries + [entry]
-    if not entries:
-        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, options.FRAMES_WRAPPER_KEY, diffusion_wrapper)
-        install_run_cache(m)  # TAB progress by noise level reads the run's percent_to_sigma
-        to[options.ATTENTION_OVERRIDE_KEY] = FramesAttentionOverride(to.get(options.ATTENTION_OVERRIDE_KEY))
+    _install(m)
     return m
 
+
+def apply_inserted_reference(model, latent: torch.Tensor, entry: FramesEntry, node: str = "CustomVideoXApply"):
+    """A patched clone of a Wan T2V ``model`` with the reference ``latent`` ``[N, C, 1, h, w]`` (the model's
+    latent format) inserted as N leading latent frames of every model call, biased by ``entry``."""
+    m = model.clone()
+    Wan.for_model(m, node)
+    to = options.model_options(m)
+    entries = list(to.get(options.FRAMES_ENTRIES_KEY) or [])
+    if any(e.frames is None for e in entries):
+        raise PatchError(f"{node} model: this MODEL is already patched by {NODE} (Phantom/VACE reference frames); "
+                         f"put CustomVideoXApply on a plain Wan text-to-video model instead")
+    inserted = list(to.get(options.INSERTED_FRAMES_KEY) or [])
+    start = len(inserted)
+    to[options.INSERTED_FRAMES_KEY] = inserted + [latent[i:i + 1] for i in range(latent.shape[0])]
+    to[options.FRAMES_ENTRIES_KEY] = entries + [replace(entry, frames=(start, start + latent.shape[0]))]
+    _install(m)
+    return m
+
+
+def _prepare_sampling_wrapper(executor, model, noise_shape, *args, **kwargs):
+    """Count the inserted reference frames in the host's memory estimate (as extra latent frames)."""
+    extra = len(model.model_options.get("transformer_options", {}).get(options.INSERTED_FRAMES_KEY) or [])
+    if extra and len(noise_shape) == 5:
+        noise_shape = torch.Size([*noise_shape[:2], noise_shape[2] + extra, *noise_shape[3:]])
+    return executor(model, noise_shape, *args, **kwargs)
+
+
+def _install(m) -> None:
+    if m.get_wrappers(pe.WrappersMP.DIFFUSION_MODEL, options.FRAMES_WRAPPER_KEY):
+        return
+    to = options.model_options(m)
+    m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, options.FRAMES_WRAPPER_KEY, diffusion_wrapper)
+    m.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, options.FRAMES_WRAPPER_KEY, _prepare_sampling_wrapper)
+    install_run_cache(m)  # TAB progress by noise level reads the run's percent_to_sigma
+    to[options.ATTENTION_OVERRIDE_KEY] = FramesAttentionOverride(to.get(options.ATTENTION_OVERRIDE_KEY))
+
+
+
+def apply_wan_reference(model, latent: torch.Tensor, *, strength: float, schedule: TABSchedule | None,
+                        region: EntityRegion | None, block_start: int, block_end: int, apply_to_uncond: bool,
+                        attention_mode: str, reference_rope: str, bias_rows: str, reference_timestep: str,
+                        attention_path: str, node: str = "CustomVideoXApply"):
+    """CustomVideoXApply on a Wan text-to-video MODEL: the encoded reference inserted as leading frames of the
+    video's self-attention (Wan has no text there, so only relative positions matter: in front of the video
+    is the reference at temporal index -1, i.e. ``negative``, and ``shift`` is the same), biased like
+    Phantom's and VACE's frames. Settings Wan cannot honour yet are errors naming the input."""
+    wan = Wan.for_model(model, node)
+    unsupported = {
+        "attention_mode": (attention_mode, "two_way", "one-way (cached) references are not built for Wan yet"),
+        "reference_timestep": (reference_timestep, "sampling", "only 'sampling' is built for Wan yet"),
+        "bias_rows": (bias_rows, "all", "'video' is not built for Wan yet"),
+        "attention_path": (attention_path, "mask", "the fused 'lse' path is not built for Wan yet"),
+    }
+    for name, (value, ok, why) in unsupported.items():
+        if value != ok:
+            raise PatchError(f"{node} {name}: {value!r} on a Wan model: {why}; use {ok!r}")
+    if reference_rope == "none":
+        raise PatchError(f"{node} reference_rope: 'none' on a Wan model: Wan's self-attention rotates every token; "
+                         f"use 'negative' (the reference before the video; 'shift' is the same on Wan)")
+    end = wan.num_blocks - 1 if block_end < 0 else block_end
+    if not 0 <= block_start <= end < wan.num_blocks:
+        raise PatchError(f"{node}: block_start..block_end is {block_start}..{block_end}, which is not inside this "
+                         f"model's blocks 0..{wan.num_blocks - 1} (block_end -1 = the last block)")
+    if region is not None and region.mode == "auto" and region.map_block >= end:
+        raise PatchError(f"{node}: the region's map_block {region.map_block} must be below the last block that "
+                         f"sees the reference ({end})")
+    entry = FramesEntry(strength=strength, schedule=schedule, region=region, block_start=block_start,
+                        block_end=block_end, apply_to_uncond=apply_to_uncond)
+    return apply_inserted_reference(model, wan.prepare_reference(model, latent, node), entry, node)

@@ -35,6 +35,8 @@ CHECKPOINT_KEY = "customvideox_gradient_checkpointing"
 FRAMES_WRAPPER_KEY = "customvideox_frames"
 FRAMES_ENTRIES_KEY = "customvideox_frames_entries"
 FRAMES_STATE_KEY = "customvideox_frames_state"
+# list[Tensor]: references CustomVideoXApply inserts into a Wan T2V model, one latent frame each, in order.
+INSERTED_FRAMES_KEY = "customvideox_inserted_frames"
 # The host's own key: the one attention override slot (chained, never replaced).
 ATTENTION_OVERRIDE_KEY = "optimized_attention_override"
 

@@ -124,6 +124,26 @@ class Wan:
     def for_model(cls, model, node: str) -> Wan:
         return cls(check_wan(model, node))
 
+    def prepare_reference(self, model, latent: torch.Tensor, node: str) -> torch.Tensor:
+        """A reference VAE latent ``[N, C, F, H, W]`` -> frame 0 in the model's latent format ``[N, C, 1, H, W]``."""
+        latent_format = model.get_model_object("latent_format")
+        channels = latent_format.latent_channels
+        if latent.ndim != 5 or latent.shape[1] != channels:
+            raise PatchError(f"{node} reference: the reference latent has shape {tuple(latent.shape)}; this Wan "
+                             f"model takes {channels}-channel latents: encode the reference with its own Wan VAE")
+        return latent_format.process_in(latent[:, :, :1].float())
+
+    def check_call(self, references: list[torch.Tensor], x: torch.Tensor) -> None:
+        """Checks that need the video (run at the sampler; messages name the pack node and input)."""
+        for r in references:
+            if r.shape[1] != x.shape[1]:
+                raise PatchError(f"CustomVideoXReferenceEncode vae: the reference latent has {r.shape[1]} channels, "
+                                 f"the model takes {x.shape[1]}: encode the reference with this model's Wan VAE")
+            if r.shape[-2:] != x.shape[-2:]:
+                raise PatchError(f"CustomVideoXReferenceEncode width/height: the reference was encoded at "
+                                 f"{r.shape[-1] * 8}x{r.shape[-2] * 8} pixels but the video is "
+                                 f"{x.shape[-1] * 8}x{x.shape[-2] * 8}: set its width/height to the video's")
+
     def frames_layout(self, x: torch.Tensor, frames_after: torch.Tensor | None, leading: int,
                       node: str) -> FrameLayout:
         return call_layout(x, frames_after, leading, node)

@@ -6,10 +6,13 @@ from comfy_api.latest import io
 
 from ..cvx_core.reference_timestep import REFERENCE_TIMESTEPS
 from ..cvx_core.rope import REF_ROPE_MODES
+from ..cvx_host.backbone import backbone_for
 from ..cvx_host.cogvideox import CogVideoX
 from ..cvx_host.entries import ATTENTION_PATHS, BIAS_ROWS, MODES, ReferenceEntry
 from ..cvx_host.errors import PatchError
+from ..cvx_host.frames_patch import apply_wan_reference
 from ..cvx_host.reference_patch import apply_reference, check_entry
+from ..cvx_host.wan import Wan
 from .types import CATEGORY, CVXReference, CVXRegion, CVXSchedule, EncodedReference
 
 
@@ -20,10 +23,12 @@ class CustomVideoXApply(io.ComfyNode):
             node_id="CustomVideoXApply",
             display_name="CustomVideoX Apply Reference",
             category=CATEGORY,
-            description="Adds the reference to the CogVideoX model's 3D attention (a patched copy of the MODEL; "
+            description="Adds the reference to the model's 3D attention: CogVideoX (joint text+video attention) or Wan "
+                        "2.1 text-to-video (the video's self-attention; two_way only) (a patched copy of the MODEL; "
                         "the input MODEL is unchanged). Chain several for several references.",
             inputs=[
-                io.Model.Input("model", tooltip="A text-to-video CogVideoX MODEL."),
+                io.Model.Input("model", tooltip="A text-to-video CogVideoX (1.0/1.5) or Wan 2.1 text-to-video MODEL. For Wan "
+                                                "Phantom/VACE graphs use CustomVideoXReferenceFramesBias."),
                 CVXReference.Input("reference", tooltip="From CustomVideoXReferenceEncode."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="Reference attention weight: bias log(strength). 1 = plain joint "
@@ -74,9 +79,15 @@ class CustomVideoXApply(io.ComfyNode):
     def execute(cls, model, reference: EncodedReference, strength, block_start, block_end, apply_to_uncond,
                 attention_mode, reference_rope, schedule=None, region=None, bias_rows="all",
                 reference_timestep: str = "sampling", attention_path: str = "mask") -> io.NodeOutput:
-        backbone = CogVideoX.for_model(model, "CustomVideoXApply")
         if not isinstance(reference, EncodedReference):
             raise PatchError("CustomVideoXApply reference: it must come from CustomVideoXReferenceEncode")
+        if isinstance(backbone_for(model, "CustomVideoXApply"), Wan):
+            return io.NodeOutput(apply_wan_reference(
+                model, reference.latent, strength=strength, schedule=schedule, region=region, block_start=block_start,
+                block_end=block_end, apply_to_uncond=apply_to_uncond, attention_mode=attention_mode,
+                reference_rope=reference_rope, bias_rows=bias_rows, reference_timestep=reference_timestep,
+                attention_path=attention_path))
+        backbone = CogVideoX.for_model(model, "CustomVideoXApply")
         if bias_rows not in BIAS_ROWS:
             raise PatchError(f"CustomVideoXApply bias_rows: {bias_rows!r} is not one of {BIAS_ROWS}")
         entry = ReferenceEntry(latent=backbone.prepare_reference(model, reference.latent, "CustomVideoXApply"),

@@ -349,3 +349,78 @@ def test_vace_model_leading_frame_bias_is_exact_at_one_and_reaches_the_vace_bloc
     assert torch.isfinite(stronger).all() and (stronger - plain).abs().max() > 1e-3
     # (block, calls so far in it): the main block's self-attention is call 1, the VACE block's call 3.
     assert (0, 1) in biased and (0, 3) in biased and (1, 1) in biased
+
+
+# --- CustomVideoXApply on plain Wan T2V: the encoded reference inserted as a leading latent frame ----------
+
+
+class InsertedSpec(Spec):
+    """An inserted reference is off (-inf on its columns) in the blocks outside its range."""
+
+    def dense(self, block: int, batch: int) -> torch.Tensor:
+        if block in self.blocks:
+            return super().dense(block, batch)
+        bias = torch.zeros(batch, 1, self.tokens, self.tokens)
+        bias[:, 0, :, self.ref_cols] = -math.inf
+        return bias
+
+
+def apply_run(host, sd: dict, raw_ref: torch.Tensor, x, t, ctx, opts=None, **node_kw) -> torch.Tensor:
+    """The host's Wan with CustomVideoXApply (the node's own execute) and its wrappers, one forward."""
+    import comfy.model_management
+    import comfy.sd
+
+    model = comfy.sd.load_diffusion_model_state_dict(dict(sd))
+    types = host.pack("nodes.types")
+    enc = types.EncodedReference(latent=raw_ref, width=W * 8, height=H * 8)
+    args = dict(strength=1.0, block_start=0, block_end=-1, apply_to_uncond=True, attention_mode="two_way",
+                reference_rope="negative")
+    args.update(node_kw)
+    model = host.node_classes["CustomVideoXApply"].execute(model=model, reference=enc, **args).result[0]
+    comfy.model_management.load_models_gpu([model])
+    to = dict(model.model_options["transformer_options"], wrappers=model.wrappers, **(opts or {}))
+    with torch.no_grad():
+        return model.model.diffusion_model(x, t, ctx, transformer_options=to)
+
+
+def test_apply_on_wan_t2v_inserts_the_reference_and_equals_the_dense_oracle(host, wan_sd):
+    """Strength 2.5 on the cond row, off on the uncond row (apply_to_uncond off), off in block 0 (block_start
+    1), an ERAE mask: the same as diffusers fed [reference | video] with that dense bias written out."""
+    import comfy.latent_formats
+
+    er = host.pack("cvx_core.entity_region")
+    x, ref, ctx, t = inputs(11, refs=1, leading=True)
+    raw = ref[:1]
+    region = er.EntityRegion(mode="mask", mask=torch.rand(T, H // 2, W // 2, generator=torch.Generator().manual_seed(4)),
+                             lam=1.5, start_percent=0.0)
+    ours = apply_run(host, wan_sd, raw, x, t, ctx, opts={"cond_or_uncond": [0, 1]}, strength=2.5, block_start=1,
+                     apply_to_uncond=False, region=region)
+    processed = comfy.latent_formats.Wan21().process_in(raw)  # the host's latent format, as the model sees it
+    video = T * HW
+    region_map = region.mask.flatten()[None].expand(2, -1).clone()
+    region_map[1] = 0
+    spec = InsertedSpec(video + HW, slice(0, HW), slice(HW, None), [math.log(2.5), -math.inf], range(1, 2), lam=1.5,
+                        region_map=region_map)
+    want = diffusers_run(wan_sd, torch.cat([processed.expand(2, -1, -1, -1, -1), x], 2), t, ctx, spec)[:, :, 1:]
+    assert ours.shape == x.shape
+    assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
+
+
+def test_apply_on_wan_t2v_with_the_reference_off_is_the_unpatched_model(host, wan_sd):
+    """Strength 0: the reference frame is in the sequence, masked from every query in every block; Wan's
+    self-attention RoPE is relative, so the video's output is the plain model's to fp32 round-off."""
+    x, ref, ctx, t = inputs(12, refs=1, leading=True)
+    ours = apply_run(host, wan_sd, ref[:1], x, t, ctx, strength=0.0)
+    plain = host_run(host, wan_sd, x, t, ctx)
+    assert (ours - plain).abs().max() < 1e-4, (ours - plain).abs().max()
+    on = apply_run(host, wan_sd, ref[:1], x, t, ctx, strength=1.0)
+    assert (on - plain).abs().max() > 1e-2  # the reference is really in the attention at strength 1
+
+
+@pytest.mark.parametrize("setting,value", [("attention_mode", "one_way"), ("reference_rope", "none"),
+                                           ("reference_timestep", "noised"), ("bias_rows", "video"),
+                                           ("attention_path", "lse")])
+def test_apply_on_wan_refuses_settings_it_cannot_honour(host, wan_sd, setting, value):
+    x, ref, ctx, t = inputs(13, refs=1, leading=True)
+    with pytest.raises(ValueError, match=f"CustomVideoXApply {setting}: '{value}' on a Wan model"):
+        apply_run(host, wan_sd, ref[:1], x, t, ctx, **{setting: value})
