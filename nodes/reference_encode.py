@@ -1,4 +1,4 @@
-"""CustomVideoXReferenceEncode: reference image(s) -> CogVideoX VAE latents."""
+"""CustomVideoXReferenceEncode: reference image(s) -> CogVideoX or Wan VAE latents."""
 
 from __future__ import annotations
 
@@ -8,6 +8,27 @@ from comfy_api.latest import io
 from ..cvx_core.reference_image import CROPS, FILLS, FITS, ReferenceImageError, prepare_reference
 from .types import CATEGORY, CVXReference, EncodedReference
 
+# The host's VAE model modules (comfy/sd.py builds each from its file's keys) -> the latent family.
+# Wan 2.2 A14B samples in the Wan 2.1 VAE's latent; only TI2V-5B uses the 48-channel Wan 2.2 VAE.
+VAE_FAMILIES = {
+    "comfy.ldm.cogvideo.vae": "CogVideoX",
+    "comfy.ldm.wan.vae": "Wan2.1",
+    "comfy.ldm.wan.vae2_2": "Wan2.2",
+}
+ACCEPTED_VAES = ("the CogVideoX VAE (for CogVideoX 1.0/1.5), the Wan 2.1 VAE (wan_2.1_vae; for Wan 2.1 and "
+                 "Wan 2.2 A14B) or the Wan 2.2 VAE (wan2.2_vae; for Wan 2.2 TI2V-5B)")
+
+
+def vae_family(vae) -> str:
+    """The latent family of a host VAE, or a ValueError naming the node, the input and the accepted VAEs."""
+    fsm = getattr(vae, "first_stage_model", None)
+    module = type(fsm).__module__
+    if module in VAE_FAMILIES:
+        return VAE_FAMILIES[module]
+    what = f"{module}.{type(fsm).__name__}" if fsm is not None else type(vae).__name__
+    raise ValueError(f"CustomVideoXReferenceEncode vae: {what} is not a CogVideoX VAE nor a Wan VAE; load "
+                     f"{ACCEPTED_VAES}: the VAE that decodes the video")
+
 
 class CustomVideoXReferenceEncode(io.ComfyNode):
     @classmethod
@@ -16,10 +37,12 @@ class CustomVideoXReferenceEncode(io.ComfyNode):
             node_id="CustomVideoXReferenceEncode",
             display_name="CustomVideoX Reference Encode",
             category=CATEGORY,
-            description="Encodes the subject's reference image(s) with the CogVideoX VAE, at the video's size. "
-                        "A batch of images gives several references.",
+            description="Encodes the subject's reference image(s) with the video's VAE (CogVideoX, Wan 2.1 or "
+                        "Wan 2.2), one latent frame per image, at the video's size. A batch of images gives "
+                        "several references.",
             inputs=[
-                io.Vae.Input("vae", tooltip="The CogVideoX VAE (the same one that decodes the video)."),
+                io.Vae.Input("vae", tooltip="The VAE that decodes the video: CogVideoX's, the Wan 2.1 VAE (Wan 2.1, "
+                                            "Wan 2.2 A14B) or the Wan 2.2 VAE (TI2V-5B)."),
                 io.Image.Input("image", tooltip="The subject's reference image; a batch = several references. RGBA: "
                                                 "the alpha is the subject mask when no mask is connected; "
                                                 "grayscale and 0-255 values are converted."),
@@ -57,13 +80,10 @@ class CustomVideoXReferenceEncode(io.ComfyNode):
         if width % 16 or height % 16:
             raise ValueError(f"CustomVideoXReferenceEncode: width x height is {width}x{height}; both must be "
                              f"multiples of 16 (e.g. 720x480)")
-        fsm = getattr(vae, "first_stage_model", None)
-        if "cogvideo" not in type(fsm).__module__:
-            raise ValueError(f"CustomVideoXReferenceEncode: this is not a CogVideoX VAE "
-                             f"({type(fsm).__module__}.{type(fsm).__name__}); load the CogVideoX VAE")
+        family = vae_family(vae)
         try:
             pixels = prepare_reference(image, mask, width, height, fit, background, subject_crop)
         except ReferenceImageError as e:
             raise ValueError(f"CustomVideoXReferenceEncode: {e}") from e
         latent = torch.cat([vae.encode(pixels[i:i + 1]) for i in range(pixels.shape[0])], dim=0)
-        return io.NodeOutput(EncodedReference(latent=latent.cpu(), width=width, height=height), pixels)
+        return io.NodeOutput(EncodedReference(latent=latent.cpu(), width=width, height=height, family=family), pixels)

@@ -17,8 +17,11 @@ CATEGORY = "CustomVideoX"
 @dataclass(frozen=True, eq=False)
 class EncodedReference:
     """What CustomVideoXReferenceEncode gives: raw VAE latents ``[N, C, 1, h, w]`` (one per
-    reference image) and the pixel size they were encoded at."""
+    reference image), the pixel size they were encoded at, and the VAE's latent family ("CogVideoX",
+    "Wan2.1" — also Wan 2.2 A14B's — or "Wan2.2", the 48-channel TI2V-5B latent) so a MODEL of
+    another family can refuse it."""
 
     latent: torch.Tensor
     width: int
     height: int
+    family: str = "CogVideoX"
