@@ -63,6 +63,7 @@ TEMPLATE_TITLES = {
     "erae_mask": "CustomVideoX subject placed by a mask (ERAE)",
     "wan_phantom_tab": "CustomVideoX Wan Phantom subject with TAB",
     "wan_vace_ref_tab": "CustomVideoX Wan VACE reference with TAB",
+    "wan_t2v_reference": "CustomVideoX Wan text to video with a reference",
 }
 # Loader inputs that name a model file, and the kind of file (model_files) they take.
 LOADER_FILES = {
@@ -146,6 +147,16 @@ WAN_DESCRIPTIONS = {
         "(inverted: LoadImage's mask is 1 where the image is transparent) hides the reference's background "
         "from the video; an image without alpha gives a full mask, i.e. no effect.",
         "`wan2.1_vace_14B_fp16.safetensors`, or the 1.3B one at 480p",
+    ),
+    "wan_t2v_reference": (
+        "## CustomVideoX on plain Wan 2.1 text to video: an inserted reference with TAB\n\n"
+        "The host's Wan 2.1 text-to-video graph (`text_to_video_wan`: 832x480, 33 frames, shift 8, 30 "
+        "uni_pc steps, cfg 6). **Reference Encode** turns the subject into one latent frame with the Wan "
+        "VAE, at the video's size; **Apply reference** on the MODEL puts it in front of the video in every "
+        "block's self-attention (two-way), with a TAB schedule (parabolic). Plain Wan was not trained with "
+        "a reference, so judge by eye how much of the subject carries over; strength 0 is exactly the "
+        "plain text-to-video run.",
+        "`wan2.1_t2v_1.3B_fp16.safetensors`, or the 14B one",
     ),
 }
 
