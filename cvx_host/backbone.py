@@ -73,6 +73,19 @@ def register(cls: type) -> type:
     return cls
 
 
+# The VAE latent family each model family takes (CustomVideoXReferenceEncode records it on the reference):
+# CogVideoX's and Wan 2.1's latents both have 16 channels, so the channel count cannot tell them apart.
+REFERENCE_FAMILIES = {"CogVideoX": ("CogVideoX",), "Wan": ("Wan2.1", "Wan2.2")}
+
+
+def check_reference_family(backbone: Backbone, family: str, node: str) -> None:
+    accepted = REFERENCE_FAMILIES.get(backbone.family, ())
+    if family not in accepted:
+        raise PatchError(f"{node} reference: the reference was encoded with a {family} VAE but the MODEL is "
+                         f"{backbone.family}: encode it with the {backbone.family} model's own VAE "
+                         f"({' or '.join(accepted)}) in CustomVideoXReferenceEncode")
+
+
 def backbone_for(model: Any, node: str) -> Backbone:
     """The backbone of a MODEL's DiT, or a clear error naming ``node`` and the families handled."""
     dm = model.get_model_object("diffusion_model")

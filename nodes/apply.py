@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..cvx_core.reference_timestep import REFERENCE_TIMESTEPS
 from ..cvx_core.rope import REF_ROPE_MODES
-from ..cvx_host.backbone import backbone_for
+from ..cvx_host.backbone import backbone_for, check_reference_family
 from ..cvx_host.cogvideox import CogVideoX
 from ..cvx_host.entries import ATTENTION_PATHS, BIAS_ROWS, MODES, ReferenceEntry
 from ..cvx_host.errors import PatchError
@@ -81,7 +81,9 @@ class CustomVideoXApply(io.ComfyNode):
                 reference_timestep: str = "sampling", attention_path: str = "mask") -> io.NodeOutput:
         if not isinstance(reference, EncodedReference):
             raise PatchError("CustomVideoXApply reference: it must come from CustomVideoXReferenceEncode")
-        if isinstance(backbone_for(model, "CustomVideoXApply"), Wan):
+        backbone = backbone_for(model, "CustomVideoXApply")
+        check_reference_family(backbone, reference.family, "CustomVideoXApply")
+        if isinstance(backbone, Wan):
             return io.NodeOutput(apply_wan_reference(
                 model, reference.latent, strength=strength, schedule=schedule, region=region, block_start=block_start,
                 block_end=block_end, apply_to_uncond=apply_to_uncond, attention_mode=attention_mode,

@@ -20,6 +20,7 @@ TRANSFORMER, VAE, T5 = "transformer", "vae", "t5"
 FOLDERS = {TRANSFORMER: "diffusion_models", VAE: "vae", T5: "text_encoders"}
 WHAT = {TRANSFORMER: "CogVideoX transformer", VAE: "CogVideoX VAE", T5: "T5-XXL text encoder"}
 FOLDERS_TEXT = {k: f"models/{v}/" for k, v in FOLDERS.items()}
+KIND_OF_FOLDER = {v: k for k, v in FOLDERS.items()}
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 MAX_HEADER = 100 * 1024 * 1024  # a real header is a few MB at most; more means the file is not safetensors
 
@@ -80,6 +81,15 @@ DOWNLOADS: tuple[Download, ...] = (
              "9.8 GB",
              "wget -P models/text_encoders https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/"
              "t5xxl_fp16.safetensors"),
+)
+
+# Files of the Wan examples that the host's own Wan templates do not list (those come from the templates).
+# Phantom is published by ByteDance as a diffusers-style repository, not as one ComfyUI file: its entry is the
+# repository page, so the missing-models dialog points there instead of saying "Unknown".
+WAN_EXTRA_DOWNLOADS: tuple[Download, ...] = (
+    Download(TRANSFORMER, "Wan 2.1 Phantom 14B", "phantom_wan_14B_fp16.safetensors",
+             "https://huggingface.co/bytedance-research/Phantom/tree/main", "about 28 GB",
+             "see https://huggingface.co/bytedance-research/Phantom (one ComfyUI-format file)"),
 )
 
 

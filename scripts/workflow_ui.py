@@ -412,9 +412,10 @@ def models_property(class_type: str, values: dict[str, Any]) -> list[dict[str, s
     name = values.get(key)
     if not isinstance(name, str):
         return None
-    if name in template_models():
-        return [template_models()[name]]
     d = next((d for d in mf.DOWNLOADS if d.name == name), None)
+    if d is None and name in template_models():
+        return [template_models()[name]]
+    d = d or next((d for d in mf.WAN_EXTRA_DOWNLOADS if d.name == name), None)
     if d is None and class_type == "CustomVideoXModelLoader":
         d = mf.downloads(kind)[0]
     return None if d is None else [{"name": name, "url": d.url, "directory": mf.FOLDERS[kind]}]

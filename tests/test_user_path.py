@@ -207,7 +207,10 @@ def test_plot_font_draws_arrows_and_spaces() -> None:
 # ------------------------------------------------------------------------------------- workflows, docs
 @pytest.mark.parametrize("folder", [wt.UI_DIR, wt.EXAMPLES_DIR], ids=["workflows_ui", "example_workflows"])
 def test_loader_nodes_say_where_to_download_their_files(folder: Path) -> None:
-    urls = {d.url: d for d in mf.DOWNLOADS}
+    # The pack's own entries (CogVideoX, Phantom), or for the Wan files the host templates' own entries.
+    urls = {d.url: d.kind for d in (*mf.DOWNLOADS, *mf.WAN_EXTRA_DOWNLOADS)}
+    urls.update({m["url"]: mf.KIND_OF_FOLDER[m["directory"]] for m in workflow_ui.template_models().values()
+                 if m["directory"] in mf.KIND_OF_FOLDER})
     checked = 0
     for path in sorted(folder.glob("*.json")):
         for node in json.loads(path.read_text(encoding="utf-8"))["nodes"]:
@@ -218,7 +221,7 @@ def test_loader_nodes_say_where_to_download_their_files(folder: Path) -> None:
             kind = workflow_ui.LOADER_FILES[node["type"]][1]
             for m in models:
                 assert m["name"] in node["widgets_values"], (path.name, node["id"], m)
-                assert urls[m["url"]].kind == kind and m["directory"] == mf.FOLDERS[kind], (path.name, m)
+                assert urls[m["url"]] == kind and m["directory"] == mf.FOLDERS[kind], (path.name, m)
             checked += 1
     assert checked >= 3 * 5, checked
 
@@ -272,7 +275,7 @@ def test_templates_have_titles_thumbnails_and_no_overlapping_nodes(server, tmp_p
     browser = Chromium(binary=binary).start()
     try:
         page = ComfyUIPage(browser, server.base_url).open()
-        for name in wt.WORKFLOW_NAMES:
+        for name in (*wt.WORKFLOW_NAMES, *wt.API_ONLY_NAMES):  # every template, the Wan ones included
             page.load(wt.load_ui(name, wt.EXAMPLES_DIR), name=name)
             rects = browser.js("""app.graph.nodes.map(n => { const m = n.computeSize(), th = LiteGraph.NODE_TITLE_HEIGHT;
                 return [n.id, n.pos[0], n.pos[1] - th, Math.max(n.size[0], m[0]), Math.max(n.size[1], m[1]) + th]; })""")
@@ -289,7 +292,7 @@ def test_templates_have_titles_thumbnails_and_no_overlapping_nodes(server, tmp_p
                          .find(e => e.textContent.trim() === 'comfyui-customvideox')""", what="the Extensions entry")
         browser.js("""Array.from(document.querySelectorAll('[role=dialog] span'))
                    .find(e => e.textContent.trim() === 'comfyui-customvideox').click(); true""")
-        titles = sorted(wt.example_path(n).stem for n in wt.WORKFLOW_NAMES)
+        titles = sorted(wt.example_path(n).stem for n in (*wt.WORKFLOW_NAMES, *wt.API_ONLY_NAMES))
         cards = browser.wait_for(f"""(() => {{ const imgs = Array.from(document.querySelectorAll('[role=dialog] img'))
             .filter(i => i.complete && i.naturalWidth > 0).map(i => [i.alt, [i.naturalWidth, i.naturalHeight]]);
             return imgs.length >= {len(titles)} ? imgs : null; }})()""", what="the template cards")

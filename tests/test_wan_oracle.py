@@ -372,7 +372,7 @@ def apply_run(host, sd: dict, raw_ref: torch.Tensor, x, t, ctx, opts=None, **nod
 
     model = comfy.sd.load_diffusion_model_state_dict(dict(sd))
     types = host.pack("nodes.types")
-    enc = types.EncodedReference(latent=raw_ref, width=W * 8, height=H * 8)
+    enc = types.EncodedReference(latent=raw_ref, width=W * 8, height=H * 8, family="Wan2.1")
     args = dict(strength=1.0, block_start=0, block_end=-1, apply_to_uncond=True, attention_mode="two_way",
                 reference_rope="negative")
     args.update(node_kw)
@@ -424,3 +424,21 @@ def test_apply_on_wan_refuses_settings_it_cannot_honour(host, wan_sd, setting, v
     x, ref, ctx, t = inputs(13, refs=1, leading=True)
     with pytest.raises(ValueError, match=f"CustomVideoXApply {setting}: '{value}' on a Wan model"):
         apply_run(host, wan_sd, ref[:1], x, t, ctx, **{setting: value})
+
+
+def test_apply_refuses_a_reference_from_another_models_vae(host, wan_sd, tiny_models):
+    """CogVideoX and Wan 2.1 latents both have 16 channels: only the recorded VAE family tells them apart."""
+    import comfy.sd
+
+    types = host.pack("nodes.types")
+    apply = host.node_classes["CustomVideoXApply"]
+    args = dict(strength=1.0, block_start=0, block_end=-1, apply_to_uncond=True, attention_mode="two_way",
+                reference_rope="negative")
+    wan = comfy.sd.load_diffusion_model_state_dict(dict(wan_sd))
+    cog_ref = types.EncodedReference(latent=torch.randn(1, 16, 1, H, W), width=W * 8, height=H * 8, family="CogVideoX")
+    with pytest.raises(ValueError, match="CustomVideoXApply reference: .*CogVideoX VAE but the MODEL is Wan"):
+        apply.execute(model=wan, reference=cog_ref, **args)
+    cog = comfy.sd.load_diffusion_model_state_dict(tiny_models.native_state_dict("native_1_0"))
+    wan_ref = types.EncodedReference(latent=torch.randn(1, 16, 1, H, W), width=W * 8, height=H * 8, family="Wan2.1")
+    with pytest.raises(ValueError, match="CustomVideoXApply reference: .*Wan2.1 VAE but the MODEL is CogVideoX"):
+        apply.execute(model=cog, reference=wan_ref, **args)
