@@ -21,17 +21,41 @@ BIAS_ROWS = ("all", "video")
 ATTENTION_PATHS = ("mask", "lse")
 
 
-@dataclass(frozen=True, eq=False)
-class ReferenceEntry:
-    """One CustomVideoXApply: processed reference latents ``[N, C, F, h, w]`` and settings."""
+@dataclass(frozen=True, eq=False, kw_only=True)
+class BiasSettings:
+    """What every reference node sets, whatever the reference's tokens are: strength, the TAB schedule, the
+    ERAE region, the block range and whether the negative pass gets it."""
 
-    latent: torch.Tensor
     strength: float = 1.0
     schedule: TABSchedule | None = None
     region: EntityRegion | None = None
     block_start: int = 0
     block_end: int = -1
     apply_to_uncond: bool = True
+
+    def bias(self, progress: Callable[[str], float]) -> float:
+        """The entry's logit bias; ``progress(mode)`` gives this call's τ in a TAB progress mode."""
+        if self.schedule is None:
+            return strength_to_bias(self.strength)
+        return reference_bias(self.schedule, progress(self.schedule.progress), self.strength)
+
+    def in_range(self, block: int, num_blocks: int) -> bool:
+        end = num_blocks - 1 if self.block_end < 0 else self.block_end
+        return self.block_start <= block <= end
+
+    def region_on(self, progress: Callable[[str], float]) -> bool:
+        """ERAE applies from its start_percent on (read in the schedule's progress mode, steps without one)."""
+        r = self.region
+        if r is None:
+            return False
+        return r.start_percent <= 0 or progress(self.schedule.progress if self.schedule else "steps") >= r.start_percent
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceEntry(BiasSettings):
+    """One CustomVideoXApply: processed reference latents ``[N, C, F, h, w]`` and settings."""
+
+    latent: torch.Tensor
     mode: str = "two_way"
     ref_rope: str = "negative"
     bias_rows: str = "all"
@@ -56,16 +80,6 @@ class ReferenceEntry:
     @property
     def count(self) -> int:
         return self.latent.shape[0]
-
-    def bias(self, progress: Callable[[str], float]) -> float:
-        """The entry's logit bias; ``progress(mode)`` gives this call's τ in a TAB progress mode."""
-        if self.schedule is None:
-            return strength_to_bias(self.strength)
-        return reference_bias(self.schedule, progress(self.schedule.progress), self.strength)
-
-    def in_range(self, block: int, num_blocks: int) -> bool:
-        end = num_blocks - 1 if self.block_end < 0 else self.block_end
-        return self.block_start <= block <= end
 
     def model_latent(self, i: int, sigma: torch.Tensor | None) -> torch.Tensor:
         """Reference ``i`` as the model sees it: ``[B, C, F, h, w]`` noised to ``sigma`` per row

@@ -28,11 +28,12 @@ from functools import partial
 import comfy.patcher_extension as pe
 import torch
 
-from ..cvx_core.entity_region import EntityRegion, entity_map_from_attention, mask_to_token_map, refine_map
+from ..cvx_core.entity_region import EntityRegion, entity_map_from_attention, mask_to_token_map
 from ..cvx_core.frame_layout import FrameLayout, background_column_bias, row_biases, subject_tokens
 from ..cvx_core.reference_attention import column_bias, reference_attention
-from ..cvx_core.tab_schedule import TABSchedule, reference_bias, strength_to_bias
+from ..cvx_core.tab_schedule import TABSchedule
 from . import options
+from .entries import BiasSettings
 from .errors import PatchError
 from .progress import call_progress
 from .run_cache import install_run_cache
@@ -42,15 +43,9 @@ NODE = "CustomVideoXReferenceFramesBias"
 
 
 @dataclass(frozen=True, eq=False)
-class FramesEntry:
-    """One CustomVideoXReferenceFramesBias: the bias it adds and where."""
+class FramesEntry(BiasSettings):
+    """One CustomVideoXReferenceFramesBias (or CustomVideoXApply on Wan T2V): the bias it adds and where."""
 
-    strength: float = 1.0
-    schedule: TABSchedule | None = None
-    region: EntityRegion | None = None
-    block_start: int = 0
-    block_end: int = -1
-    apply_to_uncond: bool = True
     leading_frames: int = 0
     reference_mask: torch.Tensor | None = None  # [1 or n_refs, H, W], 1 = subject
     background_bias: float = -math.inf  # extra logit bias on the tokens outside the subject
@@ -69,22 +64,6 @@ class FramesEntry:
         cols = self.columns(n_refs)
         return [b if c else 0.0 for c in cols], [off if c else 0.0 for c in cols]
 
-    def bias(self, progress: Callable[[str], float]) -> float:
-        """The entry's logit bias; ``progress(mode)`` gives this call's τ in a TAB progress mode."""
-        if self.schedule is None:
-            return strength_to_bias(self.strength)
-        return reference_bias(self.schedule, progress(self.schedule.progress), self.strength)
-
-    def region_on(self, progress: Callable[[str], float]) -> bool:
-        """ERAE applies from its start_percent on (read in the schedule's progress mode, steps without one)."""
-        r = self.region
-        if r is None:
-            return False
-        return r.start_percent <= 0 or progress(self.schedule.progress if self.schedule else "steps") >= r.start_percent
-
-    def in_range(self, block: int, num_blocks: int) -> bool:
-        end = num_blocks - 1 if self.block_end < 0 else self.block_end
-        return self.block_start <= block <= end
 
 
 @dataclass
@@ -212,7 +191,7 @@ def _biased_call(executor, entries: list[FramesEntry], backbone: Wan, x, leading
         r = e.region
         if r is not None and r.mode == "mask" and state.region_on[i]:
             m = mask_to_token_map(r.mask, layout.grid).to(x.device, torch.float32)
-            state.region_maps[i] = refine_map(m[None].expand(batch, -1), layout.grid, r.refine, r.top_k, r.smooth)
+            state.region_maps[i] = r.refined(m[None].expand(batch, -1), layout.grid)
     opts = dict(transformer_options)
     opts[options.FRAMES_STATE_KEY] = state
     return executor(x, timestep, context, clip_fea, time_dim_concat, opts, **kwargs)
@@ -272,7 +251,7 @@ class FramesAttentionOverride:
                                           (vs, vs + layout.video), r.entity_idx, layout.grid, norm=r.norm)
             # Only a cond row's prompt holds the entity: its map serves every row.
             m = m[state.cond_row:state.cond_row + 1].expand(q.shape[0], -1)
-            state.region_maps[i] = refine_map(m, layout.grid, r.refine, r.top_k, r.smooth)
+            state.region_maps[i] = r.refined(m, layout.grid)
             state.cache = {key: val for key, val in state.cache.items() if key[0] != "region"}
 
 

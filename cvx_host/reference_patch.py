@@ -80,10 +80,7 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
     per = x.shape[0] // len(cond_or_uncond)
     cond_row = cond_or_uncond.index(0) * per if 0 in cond_or_uncond else 0
     # ERAE's start_percent is read in the entry's TAB progress mode (steps without a schedule).
-    erae_on = tuple(e.region is not None and (
-                    e.region.start_percent <= 0
-                    or progress(e.schedule.progress if e.schedule is not None else "steps") >= e.region.start_percent)
-                    for e in entries)
+    erae_on = tuple(e.region_on(progress) for e in entries)
     state = ForwardState(entries=entries, backbone=backbone, layout=layout, row_bias=row_bias, ref_owner=owner,
                          num_blocks=backbone.num_blocks, cond_row=cond_row, map_rows=slice(cond_row, cond_row + per),
                          erae_on=erae_on, probe=options.is_map_probe(transformer_options),
