@@ -251,7 +251,8 @@ CASES = [
     # -- wrong model / VAE
     Case("wan_model_into_apply", lambda c: with_model(c, {"class_type": "CVXTestForeignModel",
                                                           "inputs": {"arch": "wan21", "seed": 0}}),
-         "execution", rg.APPLY, (*APPLY_WORDS, "model", "WanModel", "not CogVideoX", "load a CogVideoX")),
+         # Apply takes Wan T2V now; a CogVideoX-encoded reference (also 16 channels) into it is the error.
+         "execution", rg.APPLY, (*APPLY_WORDS, "reference", "CogVideoX VAE", "MODEL is Wan", "Wan model's own VAE")),
     Case("i2v_model_into_apply", lambda c: with_model(c, {"class_type": "CVXTestForeignModel",
                                                           "inputs": {"arch": "cogvideox_i2v", "seed": 0}}),
          "execution", rg.APPLY, (*APPLY_WORDS, "model", "32 input channels", "text-to-video")),
