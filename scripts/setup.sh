@@ -67,8 +67,8 @@ for d in diffusion_models vae text_encoders loras; do mkdir -p "$ROOT/models/$d"
 if [ ! -f "$ROOT/extra_model_paths.yaml" ]; then
   cp "$ROOT/scripts/extra_model_paths.yaml.example" "$ROOT/extra_model_paths.yaml"
 fi
-# Debian's chromium + chromium-driver for the web-UI browser test (a no-op when present; never fails setup:
-# without them the browser test skips, loudly).
+# Debian's chromium + chromium-driver for the web-UI browser test (a no-op when present). Locally a failed
+# install does not fail setup (the browser test then skips, loudly); under CI=true it does.
 bash "$ROOT/scripts/install_browser.sh"
 
 log "ready: venv $VENV, host $COMFY"
