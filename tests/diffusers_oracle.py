@@ -31,12 +31,12 @@ def with_reference_at_minus_one(table: tuple[torch.Tensor, torch.Tensor], per_fr
     return torch.cat([cos[frame1], cos]), torch.cat([ref_sin, sin])
 
 
-class ReferenceBiasProcessor:
-    """A diffusers CogVideoX attention processor: the joint ``[text | image]`` attention with ``bias`` added
-    to the logits of every query on the first ``ref_tokens`` image keys (the reference), RoPE on image rows."""
+class Processor:
+    """A diffusers CogVideoX attention processor: the joint ``[text | image]`` attention with RoPE on the image
+    rows, whose attention is ``fn(q, k, v)`` on ``[B, H, S, D]``."""
 
-    def __init__(self, bias: float, ref_tokens: int) -> None:
-        self.bias, self.ref_tokens = bias, ref_tokens
+    def __init__(self, fn):
+        self.fn = fn
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         text = encoder_hidden_states.shape[1]
@@ -46,8 +46,23 @@ class ReferenceBiasProcessor:
         q, k = attn.norm_q(q), attn.norm_k(k)
         q = torch.cat([q[:, :, :text], apply_rotary_emb(q[:, :, text:], image_rotary_emb)], dim=2)
         k = torch.cat([k[:, :, :text], apply_rotary_emb(k[:, :, text:], image_rotary_emb)], dim=2)
-        mask = torch.zeros(1, 1, 1, s, dtype=q.dtype)
-        mask[..., text:text + self.ref_tokens] = self.bias
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = attn.to_out[0](out.transpose(1, 2).reshape(b, s, -1))
+        out = attn.to_out[0](self.fn(q, k, v).transpose(1, 2).reshape(b, s, -1))
         return out[:, text:], out[:, :text]
+
+
+class ReferenceBiasProcessor(Processor):
+    """:class:`Processor` with ``bias`` added to the logits of every query on the first ``ref_tokens`` image
+    keys (the reference): the text's length is read from the call."""
+
+    def __init__(self, bias: float, ref_tokens: int) -> None:
+        super().__init__(self._biased)
+        self.bias, self.ref_tokens, self.text = bias, ref_tokens, 0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        self.text = encoder_hidden_states.shape[1]
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    def _biased(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype)
+        mask[..., self.text:self.text + self.ref_tokens] = self.bias
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

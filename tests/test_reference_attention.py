@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
-from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embed
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-from diffusers_oracle import with_reference_at_minus_one
+from diffusers_oracle import Processor, with_reference_at_minus_one
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cvx_core import rope
@@ -53,24 +53,6 @@ def our_rope(m, h: int, w: int, ref_frames: int, frames: int, ref_rope: str = "n
                                     base_hw=(m.config.sample_height // p, m.config.sample_width // p))
     tp = rope.temporal_positions(ref_frames, frames, ref_rope)
     return rope.rotary_table(HEAD_DIM, tp, hp, wp, unrotated_frames=ref_frames if ref_rope == "none" else 0)
-
-
-class Processor:
-    """A diffusers attention processor whose attention is ``fn(q, k, v)`` on ``[B, H, S, D]``."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
-        text = encoder_hidden_states.shape[1]
-        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        b, s, _ = x.shape
-        q, k, v = (f(x).view(b, s, attn.heads, -1).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        q = torch.cat([q[:, :, :text], apply_rotary_emb(q[:, :, text:], image_rotary_emb)], dim=2)
-        k = torch.cat([k[:, :, :text], apply_rotary_emb(k[:, :, text:], image_rotary_emb)], dim=2)
-        out = attn.to_out[0](self.fn(q, k, v).transpose(1, 2).reshape(b, s, -1))
-        return out[:, text:], out[:, :text]
 
 
 def dense(layout: TokenLayout, ref_bias: torch.Tensor, region: torch.Tensor | None):
