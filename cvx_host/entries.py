@@ -104,3 +104,20 @@ def check_stackable(first: ReferenceEntry, entry: ReferenceEntry) -> None:
                              f"reference with {old!r} from an earlier CustomVideoXApply; stacked references share "
                              f"one {input_name}: set the same value on every CustomVideoXApply of this model")
 
+
+
+def check_blocks(n_blocks: int, entry: BiasSettings, node: str) -> None:
+    """The entry's block range and ERAE map blocks fit a model of ``n_blocks`` blocks (clear errors naming
+    ``node``); every node that takes a block range or a region checks it here."""
+    end = n_blocks - 1 if entry.block_end < 0 else entry.block_end
+    if not 0 <= entry.block_start <= end < n_blocks:
+        raise PatchError(f"{node}: block_start..block_end is {entry.block_start}..{entry.block_end}, which is not "
+                         f"inside this model's blocks 0..{n_blocks - 1} (block_end -1 = the last block)")
+    region = entry.region
+    if region is not None and region.mode == "auto" and region.last_map_block >= end:
+        blocks = f"map_block {region.map_block}" + (f" with map_blocks {region.map_blocks} (blocks "
+                                                     f"{region.map_block}..{region.last_map_block})"
+                                                     if region.map_blocks > 1 else "")
+        raise PatchError(f"{node}: the region's {blocks} reaches block {region.last_map_block}, but the "
+                         f"reference is used up to block {end} of 0..{n_blocks - 1}: the map's last block must "
+                         f"be below {end} (lower map_block or map_blocks)")

@@ -33,10 +33,10 @@ from ..cvx_core.frame_layout import FrameLayout, background_column_bias, row_bia
 from ..cvx_core.reference_attention import column_bias, reference_attention
 from ..cvx_core.tab_schedule import TABSchedule
 from . import options
-from .entries import BiasSettings
+from .entries import BiasSettings, check_blocks
 from .errors import PatchError
 from .progress import call_progress
-from .run_cache import install_run_cache
+from .run_cache import estimate_with_extra_frames, install_run_cache
 from .wan import CallOrder, Wan, check_self_call, to_heads
 
 NODE = "CustomVideoXReferenceFramesBias"
@@ -178,15 +178,16 @@ def _biased_call(executor, entries: list[FramesEntry], backbone: Wan, x, leading
     entry_off = [None if e.frames is None else row_biases(off, [False] * batch, n, x.device, unbiased=off)
                  for e, (_, off) in zip(entries, pairs)]
     entry_background = [_background(e, layout, r, x.device) for e, r in zip(entries, rows)]
+    region_on = tuple(e.region_on(progress) for e in entries)
     if (all(not bool((b != 0).any()) for b in entry_bias) and all(b is None for b in entry_background)
-            and not any(e.region_on(progress) for e in entries)):
+            and not any(region_on)):
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
     cond_row = cond_or_uncond.index(0) * (batch // len(cond_or_uncond)) if 0 in cond_or_uncond else 0
     state = FramesState(entries=entries, layout=layout, entry_bias=entry_bias, entry_off=entry_off,
                         entry_background=entry_background,
                         entry_rows=[torch.tensor(r, dtype=torch.float32, device=x.device) for r in rows],
                         num_blocks=backbone.num_blocks, cond_row=cond_row,
-                        backbone=backbone, region_on=tuple(e.region_on(progress) for e in entries))
+                        backbone=backbone, region_on=region_on)
     for i, e in enumerate(entries):
         r = e.region
         if r is not None and r.mode == "mask" and state.region_on[i]:
@@ -294,9 +295,7 @@ def apply_inserted_reference(model, latent: torch.Tensor, entry: FramesEntry, no
 def _prepare_sampling_wrapper(executor, model, noise_shape, *args, **kwargs):
     """Count the inserted reference frames in the host's memory estimate (as extra latent frames)."""
     extra = len(model.model_options.get("transformer_options", {}).get(options.INSERTED_FRAMES_KEY) or [])
-    if extra and len(noise_shape) == 5:
-        noise_shape = torch.Size([*noise_shape[:2], noise_shape[2] + extra, *noise_shape[3:]])
-    return executor(model, noise_shape, *args, **kwargs)
+    return estimate_with_extra_frames(executor, model, noise_shape, extra, *args, **kwargs)
 
 
 def _install(m) -> None:
@@ -331,13 +330,7 @@ def apply_wan_reference(model, latent: torch.Tensor, *, strength: float, schedul
     if reference_rope == "none":
         raise PatchError(f"{node} reference_rope: 'none' on a Wan model: Wan's self-attention rotates every token; "
                          f"use 'negative' (the reference before the video; 'shift' is the same on Wan)")
-    end = wan.num_blocks - 1 if block_end < 0 else block_end
-    if not 0 <= block_start <= end < wan.num_blocks:
-        raise PatchError(f"{node}: block_start..block_end is {block_start}..{block_end}, which is not inside this "
-                         f"model's blocks 0..{wan.num_blocks - 1} (block_end -1 = the last block)")
-    if region is not None and region.mode == "auto" and region.map_block >= end:
-        raise PatchError(f"{node}: the region's map_block {region.map_block} must be below the last block that "
-                         f"sees the reference ({end})")
     entry = FramesEntry(strength=strength, schedule=schedule, region=region, block_start=block_start,
                         block_end=block_end, apply_to_uncond=apply_to_uncond)
+    check_blocks(wan.num_blocks, entry, node)
     return apply_inserted_reference(model, wan.prepare_reference(model, latent, node), entry, node)

@@ -27,14 +27,13 @@ from ..cvx_core.entity_region import mask_to_token_map, refine_map
 from ..cvx_core.reference_timestep import noised_reference, reference_noise
 from . import options
 from .attention_override import AttentionOverride, MapsReady
-from .backbone import InsertsReferences
 from .cogvideox import CogVideoX
 from .entries import ReferenceEntry, check_stackable
 from .errors import PatchError
 from .forward_state import ForwardState
 from .forward_state import row_bias as build_row_bias
 from .progress import call_progress, call_sigmas
-from .run_cache import RunCache, install_run_cache
+from .run_cache import RunCache, estimate_with_extra_frames, install_run_cache
 
 
 def _mask_maps(entries: list[ReferenceEntry], grid: tuple[int, int, int], latent_frames: int, batch: int,
@@ -227,26 +226,7 @@ def prepare_sampling_wrapper(executor, model, noise_shape, *args, **kwargs):
     order of one more frame's activations."""
     entries = options.entries(model.model_options.get("transformer_options", {}))
     extra = sum(e.latent.shape[2] * e.count for e in entries)
-    if extra and len(noise_shape) == 5:
-        noise_shape = torch.Size([*noise_shape[:2], noise_shape[2] + extra, *noise_shape[3:]])
-    return executor(model, noise_shape, *args, **kwargs)
-
-
-def check_entry(backbone: InsertsReferences, entry: ReferenceEntry, node: str = "CustomVideoXApply") -> None:
-    """The entry's block range and ERAE map blocks fit this model's blocks (clear errors naming ``node``)."""
-    n_blocks = backbone.num_blocks
-    end = n_blocks - 1 if entry.block_end < 0 else entry.block_end
-    if not 0 <= entry.block_start <= end < n_blocks:
-        raise PatchError(f"{node}: block_start..block_end is {entry.block_start}..{entry.block_end}, which is not "
-                         f"inside this model's blocks 0..{n_blocks - 1} (block_end -1 = the last block)")
-    region = entry.region
-    if region is not None and region.mode == "auto" and region.last_map_block >= end:
-        blocks = f"map_block {region.map_block}" + (f" with map_blocks {region.map_blocks} (blocks "
-                                                     f"{region.map_block}..{region.last_map_block})"
-                                                     if region.map_blocks > 1 else "")
-        raise PatchError(f"{node}: the region's {blocks} reaches block {region.last_map_block}, but the "
-                         f"reference is used up to block {end} of 0..{n_blocks - 1}: the map's last block must "
-                         f"be below {end} (lower map_block or map_blocks)")
+    return estimate_with_extra_frames(executor, model, noise_shape, extra, *args, **kwargs)
 
 
 def install(model) -> None:

@@ -65,6 +65,14 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         opts.pop(options.RUN_KEY, None)
 
 
+def estimate_with_extra_frames(executor, model, noise_shape, extra: int, *args, **kwargs):
+    """A PREPARE_SAMPLING wrapper's body: the host's memory estimate for ``extra`` more latent frames (the
+    pack's reference frames), so the host frees and offloads for what the patched model will really use."""
+    if extra and len(noise_shape) == 5:
+        noise_shape = torch.Size([*noise_shape[:2], noise_shape[2] + extra, *noise_shape[3:]])
+    return executor(model, noise_shape, *args, **kwargs)
+
+
 def install_run_cache(model) -> None:
     """Give ``model`` (a clone) the OUTER_SAMPLE wrapper that owns the run cache (once)."""
     if not model.get_wrappers(pe.WrappersMP.OUTER_SAMPLE, options.WRAPPER_KEY):

@@ -8,10 +8,10 @@ from ..cvx_core.reference_timestep import REFERENCE_TIMESTEPS
 from ..cvx_core.rope import REF_ROPE_MODES
 from ..cvx_host.backbone import backbone_for, check_reference_family
 from ..cvx_host.cogvideox import CogVideoX
-from ..cvx_host.entries import ATTENTION_PATHS, BIAS_ROWS, MODES, ReferenceEntry
+from ..cvx_host.entries import ATTENTION_PATHS, BIAS_ROWS, MODES, ReferenceEntry, check_blocks
 from ..cvx_host.errors import PatchError
 from ..cvx_host.frames_patch import apply_wan_reference
-from ..cvx_host.reference_patch import apply_reference, check_entry
+from ..cvx_host.reference_patch import apply_reference
 from ..cvx_host.wan import Wan
 from .types import CATEGORY, CVXReference, CVXRegion, CVXSchedule, EncodedReference
 
@@ -97,5 +97,5 @@ class CustomVideoXApply(io.ComfyNode):
                                block_end=block_end, apply_to_uncond=apply_to_uncond, mode=attention_mode,
                                ref_rope=reference_rope, bias_rows=bias_rows, reference_timestep=reference_timestep,
                                attention_path=attention_path)
-        check_entry(backbone, entry)
+        check_blocks(backbone.num_blocks, entry, "CustomVideoXApply")
         return io.NodeOutput(apply_reference(model, entry))

@@ -7,6 +7,8 @@ import math
 import torch
 from comfy_api.latest import io
 
+from ..cvx_core.image_ops import has_subject
+from ..cvx_host.entries import check_blocks
 from ..cvx_host.errors import PatchError
 from ..cvx_host.frames_patch import NODE, FramesEntry, apply_frames_bias
 from ..cvx_host.wan import check_wan, is_vace
@@ -62,14 +64,6 @@ class CustomVideoXReferenceFramesBias(io.ComfyNode):
     def execute(cls, model, strength, leading_frames, block_start, block_end, apply_to_uncond,
                 background_strength=0.0, schedule=None, region=None, reference_mask=None) -> io.NodeOutput:
         dm = check_wan(model, NODE)
-        n_blocks = len(dm.blocks)
-        end = n_blocks - 1 if block_end < 0 else block_end
-        if not 0 <= block_start <= end < n_blocks:
-            raise PatchError(f"{NODE}: block_start..block_end is {block_start}..{block_end}, which is not inside "
-                             f"this model's blocks 0..{n_blocks - 1} (block_end -1 = the last block)")
-        if region is not None and region.mode == "auto" and region.map_block >= end:
-            raise PatchError(f"{NODE}: the region's map_block is {region.map_block}, but the bias is used up to "
-                             f"block {end} of 0..{n_blocks - 1}: choose a map_block below {end}")
         if is_vace(dm) and leading_frames == 0:
             raise PatchError(f"{NODE}: the MODEL is Wan VACE but leading_frames is 0: connect WanVaceToVideo's "
                              f"trim_latent to leading_frames (the VACE reference frame sits in front of the video)")
@@ -77,6 +71,7 @@ class CustomVideoXReferenceFramesBias(io.ComfyNode):
                             block_end=block_end, apply_to_uncond=apply_to_uncond, leading_frames=leading_frames,
                             reference_mask=_subject_masks(reference_mask),
                             background_bias=math.log(background_strength) if background_strength > 0 else -math.inf)
+        check_blocks(len(dm.blocks), entry, NODE)
         return io.NodeOutput(apply_frames_bias(model, entry))
 
 
@@ -88,7 +83,7 @@ def _subject_masks(mask: torch.Tensor | None) -> torch.Tensor | None:
     m = m[None] if m.ndim == 2 else m
     if m.ndim != 3:
         raise PatchError(f"{NODE}: reference_mask has shape {tuple(mask.shape)}; expected a MASK [N, H, W]")
-    if not bool((m > 0).any()):
+    if not has_subject(m):
         raise PatchError(f"{NODE}: reference_mask is empty (all zeros), which would hide the whole reference: paint "
                          f"the subject white (1), or disconnect the mask")
     return m.detach().cpu().clone()
