@@ -179,7 +179,8 @@ def _biased_call(executor, entries: list[FramesEntry], backbone: Wan, x, leading
                  for e, (_, off) in zip(entries, pairs)]
     entry_background = [_background(e, layout, r, x.device) for e, r in zip(entries, rows)]
     region_on = tuple(e.region_on(progress) for e in entries)
-    if (all(not bool((b != 0).any()) for b in entry_bias) and all(b is None for b in entry_background)
+    # Nothing to do only if no entry biases any block: an inserted reference is off outside its block range.
+    if (all(not bool((b != 0).any()) for b in entry_bias) and all(b is None for b in (*entry_off, *entry_background))
             and not any(region_on)):
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
     cond_row = cond_or_uncond.index(0) * (batch // len(cond_or_uncond)) if 0 in cond_or_uncond else 0

@@ -442,3 +442,18 @@ def test_apply_refuses_a_reference_from_another_models_vae(host, wan_sd, tiny_mo
     wan_ref = types.EncodedReference(latent=torch.randn(1, 16, 1, H, W), width=W * 8, height=H * 8, family="Wan2.1")
     with pytest.raises(ValueError, match="CustomVideoXApply reference: .*Wan2.1 VAE but the MODEL is CogVideoX"):
         apply.execute(model=cog, reference=wan_ref, **args)
+
+
+def test_apply_on_wan_at_strength_one_is_off_outside_its_block_range(host, wan_sd):
+    """Strength 1 with no schedule adds no bias inside the range, but the blocks outside it must still mask the
+    inserted reference (it is not the model's own frame): the same as diffusers with -inf there."""
+    import comfy.latent_formats
+
+    x, ref, ctx, t = inputs(14, refs=1, leading=True)
+    raw = ref[:1]
+    ours = apply_run(host, wan_sd, raw, x, t, ctx, strength=1.0, block_start=1)
+    processed = comfy.latent_formats.Wan21().process_in(raw)
+    video = T * HW
+    spec = InsertedSpec(video + HW, slice(0, HW), slice(HW, None), [0.0, 0.0], range(1, 2))
+    want = diffusers_run(wan_sd, torch.cat([processed.expand(2, -1, -1, -1, -1), x], 2), t, ctx, spec)[:, :, 1:]
+    assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
