@@ -73,6 +73,17 @@ def register(cls: type) -> type:
     return cls
 
 
+def first_frame_in_latent_format(model: Any, latent: torch.Tensor, node: str, what: str) -> torch.Tensor:
+    """Frame 0 of a reference VAE latent ``[N, C, F, H, W]`` in the model's latent format ``[N, C, 1, H, W]``,
+    or a clear error naming ``node`` when its channels are not the model's (``what``: the VAE to use)."""
+    latent_format = model.get_model_object("latent_format")
+    channels = latent_format.latent_channels
+    if latent.ndim != 5 or latent.shape[1] != channels:
+        raise PatchError(f"{node} reference: the reference latent has shape {tuple(latent.shape)}; this model "
+                         f"takes {channels}-channel video latents: encode the reference with {what}")
+    return latent_format.process_in(latent[:, :, :1].float())
+
+
 # The VAE latent family each model family takes (CustomVideoXReferenceEncode records it on the reference):
 # CogVideoX's and Wan 2.1's latents both have 16 channels, so the channel count cannot tell them apart.
 REFERENCE_FAMILIES = {"CogVideoX": ("CogVideoX",), "Wan": ("Wan2.1", "Wan2.2")}

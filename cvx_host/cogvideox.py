@@ -23,7 +23,7 @@ import torch
 from ..cvx_core import rope
 from ..cvx_core.token_layout import TokenLayout
 from . import options
-from .backbone import register
+from .backbone import first_frame_in_latent_format, register
 from .errors import PatchError
 
 log = logging.getLogger("customvideox")
@@ -149,12 +149,7 @@ class CogVideoX:
         return cls(dm)
 
     def prepare_reference(self, model: Any, latent: torch.Tensor, node: str) -> torch.Tensor:
-        latent_format = model.get_model_object("latent_format")
-        channels = latent_format.latent_channels
-        if latent.ndim != 5 or latent.shape[1] != channels:
-            raise PatchError(f"{node} reference: the reference latent has shape {tuple(latent.shape)}; this model "
-                             f"needs {channels}-channel video latents from its CogVideoX VAE")
-        latent = latent_format.process_in(latent[:, :, :1].float())
+        latent = first_frame_in_latent_format(model, latent, node, "its CogVideoX VAE")
         # CogVideoX 1.5 patches 2 latent frames together: the still reference fills both.
         return latent.repeat(1, 1, self.patch_t, 1, 1)
 

@@ -21,7 +21,7 @@ import torch
 from comfy.ldm.wan.model import VaceWanModel, WanModel, WanT2VCrossAttention
 
 from ..cvx_core.frame_layout import FrameLayout, frame_layout
-from .backbone import register
+from .backbone import first_frame_in_latent_format, register
 from .errors import PatchError
 
 # Host classes of Wan variants the pack does not handle yet (named in the error).
@@ -126,12 +126,7 @@ class Wan:
 
     def prepare_reference(self, model, latent: torch.Tensor, node: str) -> torch.Tensor:
         """A reference VAE latent ``[N, C, F, H, W]`` -> frame 0 in the model's latent format ``[N, C, 1, H, W]``."""
-        latent_format = model.get_model_object("latent_format")
-        channels = latent_format.latent_channels
-        if latent.ndim != 5 or latent.shape[1] != channels:
-            raise PatchError(f"{node} reference: the reference latent has shape {tuple(latent.shape)}; this Wan "
-                             f"model takes {channels}-channel latents: encode the reference with its own Wan VAE")
-        return latent_format.process_in(latent[:, :, :1].float())
+        return first_frame_in_latent_format(model, latent, node, "its own Wan VAE")
 
     def check_call(self, references: list[torch.Tensor], x: torch.Tensor) -> None:
         """Checks that need the video (run at the sampler; messages name the pack node and input)."""
