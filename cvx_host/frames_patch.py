@@ -257,8 +257,17 @@ class FramesAttentionOverride:
             state.cache = {key: val for key, val in state.cache.items() if key[0] != "region"}
 
 
+def _check_region(entry: FramesEntry, node: str) -> None:
+    """The Wan patch reads an auto map from one cross-attention call: averaging over blocks is not built."""
+    if entry.region is not None and entry.region.mode == "auto" and entry.region.map_blocks > 1:
+        raise PatchError(f"{node} region: map_blocks {entry.region.map_blocks} on a Wan model: averaging the ERAE "
+                         f"map over several blocks is not built for Wan yet; set CustomVideoXEntityRegion's "
+                         f"map_blocks to 1")
+
+
 def apply_frames_bias(model, entry: FramesEntry):
     """A patched clone of ``model`` with ``entry`` added (the input model is not changed)."""
+    _check_region(entry, NODE)
     m = model.clone()
     Wan.for_model(m, NODE)
     to = options.model_options(m)
@@ -278,6 +287,7 @@ def apply_frames_bias(model, entry: FramesEntry):
 def apply_inserted_reference(model, latent: torch.Tensor, entry: FramesEntry, node: str = "CustomVideoXApply"):
     """A patched clone of a Wan T2V ``model`` with the reference ``latent`` ``[N, C, 1, h, w]`` (the model's
     latent format) inserted as N leading latent frames of every model call, biased by ``entry``."""
+    _check_region(entry, node)
     m = model.clone()
     Wan.for_model(m, node)
     to = options.model_options(m)

@@ -457,3 +457,15 @@ def test_apply_on_wan_at_strength_one_is_off_outside_its_block_range(host, wan_s
     spec = InsertedSpec(video + HW, slice(0, HW), slice(HW, None), [0.0, 0.0], range(1, 2))
     want = diffusers_run(wan_sd, torch.cat([processed.expand(2, -1, -1, -1, -1), x], 2), t, ctx, spec)[:, :, 1:]
     assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
+
+
+def test_wan_refuses_an_erae_map_averaged_over_blocks(host):
+    """The Wan patch reads the auto map at one block; map_blocks > 1 is an error, not silently ignored."""
+    er = host.pack("cvx_core.entity_region")
+    wan_sd = tw.build_wan_state_dict(seed=3, layers=4)  # room for blocks 0..1 below the last block
+    x, ref, ctx, t = inputs(15, refs=1, leading=True)
+    region = er.EntityRegion(mode="auto", entity_idx=(1,), map_block=0, map_blocks=2, lam=1.0)
+    with pytest.raises(ValueError, match="CustomVideoXApply region: map_blocks 2 on a Wan model"):
+        apply_run(host, wan_sd, ref[:1], x, t, ctx, region=region)
+    with pytest.raises(ValueError, match=f"{NODE} region: map_blocks 2 on a Wan model"):
+        host_run(host, wan_sd, x, t, ctx, tdc=ref, region=region)
