@@ -24,7 +24,7 @@ no checkpoints), so AdamW's state is created inside the timed step (a few MB: ne
 
 Memory (one extra, untimed call per row, made before the timed rounds: it is also their warmup): on the CPU, the peak of bytes held by torch's CPU allocator during
 the call, above the level at its start, from the profiler's memory records (as
-``tests/test_entity_region.py::peak_cpu_bytes``); allocations that oneDNN or other libraries make outside
+``tests/unit/test_entity_region.py::peak_cpu_bytes``); allocations that oneDNN or other libraries make outside
 torch's allocator are not seen. For a training row the call is the whole one-step ``train_adapter`` (its
 setup: the adapter's fp32 copies and AdamW state, a few MB, is inside). On CUDA:
 ``torch.cuda.max_memory_allocated`` minus the allocation at the start. ``+weights`` adds the frozen model's

@@ -2,7 +2,7 @@
 
 A family is one module implementing one or both protocols below for the host's model class, registered
 in :data:`FAMILIES`. The patches (:mod:`.reference_patch`, :mod:`.frames_patch`) only talk to these
-protocols, so a second family is one new module plus its contract tests (tests/test_backbone_contract.py).
+protocols, so a second family is one new module plus its contract tests (tests/host/test_backbone_contract.py).
 
 * :class:`Backbone` — every family: recognise the model (or say clearly why not), count its blocks.
 * :class:`InsertsReferences` — the family can take inserted reference tokens (CogVideoX): where they go

@@ -21,7 +21,7 @@ still run through the host's modules, so weight patches (the host's LoRA loaders
 mode) and its low-VRAM casting keep working, in either order.
 
 The adapters live in the model options (:data:`.options.ADAPTERS_KEY`, a list: loaders stack); the
-copied host block forward is pinned to the host version by tests/test_backbone_contract.py.
+copied host block forward is pinned to the host version by tests/host/test_backbone_contract.py.
 """
 
 from __future__ import annotations

@@ -16,15 +16,18 @@ Nothing in the pack (nodes/, cvx_core/, cvx_host/) imports this module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import json
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from host_server import HOST_DIR, REPO_ROOT, HostRunError  # scripts/, beside this file
+from pack_import import PACKAGE
 
 SCRIPTS_DIR = REPO_ROOT / "scripts"
 PACK_NODE = "CustomVideoXApply"  # present in the host's registry once the pack is loaded
@@ -99,6 +102,27 @@ class PromptFailed(HostRunError):
         self.errors, self.messages = errors or [], messages or []
 
 
+@contextlib.contextmanager
+def _pack_named_as_package() -> Iterator[None]:
+    """While the host loads its custom nodes, its module spec for this pack is named ``customvideox``
+    (``pack_import.PACKAGE``) instead of the folder's path: scripts, bench and tests then import the very
+    modules the host's nodes use (``customvideox.nodes.apply``), one object per module. Everything else in
+    the host's loader runs as under ``main.py`` (the server tests load the pack exactly as users do)."""
+    real = importlib.util.spec_from_file_location
+    init = (REPO_ROOT / "__init__.py").resolve()
+
+    def spec(name, location=None, *args, **kwargs):
+        if location is not None and Path(location).resolve() == init:
+            return real(PACKAGE, location, submodule_search_locations=[str(REPO_ROOT)])
+        return real(name, location, *args, **kwargs)
+
+    importlib.util.spec_from_file_location = spec
+    try:
+        yield
+    finally:
+        importlib.util.spec_from_file_location = real
+
+
 class InProcessHost:
     """The host's node registry and a PromptExecutor in this process (no server socket).
 
@@ -141,8 +165,9 @@ class InProcessHost:
         # PromptServer.instance at load time (e.g. comfy_extras/nodes_replacements.py), as under main.py.
         asyncio.set_event_loop(self.loop)
         self.prompt_server = server.PromptServer(self.loop)
-        self.import_failed = self.loop.run_until_complete(
-            nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False)) or []
+        with _pack_named_as_package():
+            self.import_failed = self.loop.run_until_complete(
+                nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False)) or []
         self.reset()
         return self
 

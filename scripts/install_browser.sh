@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Debian's Chromium + ChromeDriver for the web-UI browser test (tests/test_browser.py).
+# Install Debian's Chromium + ChromeDriver for the web-UI browser test (tests/server/test_browser.py).
 # Idempotent and quick when both are present. Locally it never fails setup: if the browser cannot be
 # installed it says so LOUDLY and exits 0; the browser test then skips with the same reason in the pytest
 # summary. On CI (CI set to a true value) a browser that cannot be installed fails setup (exit 1).
@@ -16,7 +16,7 @@ loud() {
   if [ "$ON_CI" = 1 ]; then
     printf '!!! CI is set: the web UI must be tested there, so this FAILS setup.\n' >&2
   else
-    printf '!!! The web-UI browser test (tests/test_browser.py) will be SKIPPED.\n' >&2
+    printf '!!! The web-UI browser test (tests/server/test_browser.py) will be SKIPPED.\n' >&2
   fi
   printf '!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\n' >&2
   exit "$ON_CI"

@@ -1,23 +1,27 @@
 """Session fixtures: tiny random models, the real host in-process (``host``) and as a server (``server``).
 
-The host's CLI args are parsed here, at import, before any test module can import
+Levels, one folder each: ``unit/`` (host-free, seconds), ``host/`` (the host in-process), ``server/`` (a real
+server process and the browser). Helper modules shared by several levels live beside this file.
+
+The pack is imported one way, as the package ``customvideox`` (``scripts/pack_import.py``), registered
+here; the in-process host loads it under the same name, so tests and the host's nodes share one object
+per module. The host's CLI args are parsed here, at import, before any test module can import
 ``comfy.model_management`` (it reads ``--cpu`` when first imported).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import host as _host  # noqa: E402
+import tiny_models as _tiny  # scripts/ (pytest's pythonpath)
+from harness import host as _host
+from pack_import import pack_module
 
 _host.bootstrap_host_args()
-import tiny_models as _tiny  # noqa: E402  (scripts/, put on sys.path by the bootstrap)
+pack_module()  # registers the package `customvideox`
 
 
 @dataclass
@@ -107,14 +111,18 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
-# Fixtures that start the host (in-process or as a server) or build its model files.
+LEVELS = ("unit", "host", "server")
+# Fixtures that start the host (in-process or as a server) or build its model files: never in unit/.
 _HOST_FIXTURES = {"host", "server", "host_env", "server_env", "tiny_models", "tiny_models_dir"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``unit``: every test that needs no host fixture and is not marked host, server or slow, so
-    ``pytest -m unit`` is the quick host-free level (the host's args are still parsed at import)."""
+    """Each test is marked with its folder's level (``unit``, ``host``, ``server``), so ``-m unit`` and
+    ``pytest tests/unit`` select the same host-free tests."""
+    root = Path(__file__).resolve().parent
     for item in items:
-        if _HOST_FIXTURES.isdisjoint(getattr(item, "fixturenames", ())) and not any(
-                item.get_closest_marker(m) for m in ("host", "server", "slow")):
-            item.add_marker(pytest.mark.unit)
+        level = Path(str(item.path)).resolve().relative_to(root).parts[0]
+        if level in LEVELS:
+            item.add_marker(getattr(pytest.mark, level))
+        if level == "unit" and not _HOST_FIXTURES.isdisjoint(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid} uses a host fixture: move it to tests/host/")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embed
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
 
 def with_reference_at_minus_one(table: tuple[torch.Tensor, torch.Tensor], per_frame: int
@@ -66,3 +67,15 @@ class ReferenceBiasProcessor(Processor):
         mask = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype)
         mask[..., self.text:self.text + self.ref_tokens] = self.bias
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def diffusers_rope(config, grid: tuple[int, int], token_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE exactly as diffusers' CogVideoX pipeline builds it (``_prepare_rotary_positional_embeddings``) for
+    a ``token_frames x grid`` token grid of a CogVideoX ``config``: 1.0 crops to its sample size, 1.5 slices."""
+    p, p_t = config.patch_size, config.patch_size_t
+    base_w, base_h = config.sample_width // p, config.sample_height // p
+    if p_t is None:
+        crops = get_resize_crop_region_for_grid(grid, base_w, base_h)
+        return get_3d_rotary_pos_embed(config.attention_head_dim, crops, grid, token_frames)
+    return get_3d_rotary_pos_embed(config.attention_head_dim, None, grid, token_frames, grid_type="slice",
+                                   max_size=(base_h, base_w))

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,32 @@ def tally_report(cases: Sequence[Any], items: Sequence[Any], outcomes: dict[str,
                               "message": (messages or {}).get(c.id, "")[:300]} for c in cases}
     report["other_checks"] = {i.name: outcomes.get(i.nodeid, "not run") for i in items if case_of(i) is None}
     return report
+
+
+@dataclass
+class Ctx:
+    tiny: Any
+    bad: dict[str, str] = field(default_factory=dict)  # kind -> file name under the extra folders
+
+
+def patched(c: Ctx, **kw) -> dict[str, Any]:
+    return patched_prompt(c.tiny, **kw)
+
+
+def tab_only(**inputs) -> dict[str, Any]:
+    """A TAB schedule node alone (its plot saved): no model needed."""
+    tab = {"curve": "keyframes", "b_min": 0.0, "b_max": 1.0, "start_percent": 0.0, "end_percent": 1.0,
+           "outside": "base", "keyframes": "0:0, 0.5:1, 1:0"}
+    tab.update(inputs)
+    return {"tab": {"class_type": "CustomVideoXTABSchedule", "inputs": tab},
+            "save": {"class_type": "CVXTestSaveTensor", "inputs": {"value": ["tab", 1], "name": "rel_tab_plot"}}}
+
+
+def drop_input(p: dict[str, Any], nid: str, name: str) -> dict[str, Any]:
+    del p[nid]["inputs"][name]
+    return p
+
+
+def retype(p: dict[str, Any], nid: str, class_type: str) -> dict[str, Any]:
+    p[nid]["class_type"] = class_type
+    return p

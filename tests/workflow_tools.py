@@ -37,7 +37,7 @@ WORKFLOW_NAMES = (
     "two_references",
     "erae_mask",
 )
-# Examples with their own tests (tests/test_wan_e2e.py and test_wan_t2v_e2e.py run them, tests/test_wan_workflows.py
+# Examples with their own tests (tests/host/test_wan_e2e.py and test_wan_t2v_e2e.py run them, tests/server/test_wan_workflows.py
 # checks their files).
 API_ONLY_NAMES = ("wan_phantom_tab", "wan_vace_ref_tab", "wan_t2v_reference")
 PACK_PREFIX = "CustomVideoX"
@@ -315,3 +315,20 @@ def tiny_variant(
         elif ctype == "SaveVideo" and save_prefix is not None:
             inputs["filename_prefix"] = f"{save_prefix}/{inputs['filename_prefix'].rsplit('/', 1)[-1]}"
     return p
+
+
+def decode_mp4(path: Path) -> tuple[int, int, int, str]:
+    """(frames, width, height, codec) of an mp4, by decoding every frame with PyAV."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f for f in container.decode(stream)]
+        codec = stream.codec_context.name
+    assert frames, f"{path} has no decodable video frames"
+    sizes = {(f.width, f.height) for f in frames}
+    assert len(sizes) == 1, f"{path}: frame sizes vary: {sizes}"
+    (w, h), = sizes
+    for f in frames:
+        assert f.to_ndarray(format="rgb24").shape == (h, w, 3)
+    return len(frames), w, h, codec

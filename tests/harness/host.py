@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterable
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import host_boot  # noqa: E402
 from host_boot import bootstrap_host_args  # noqa: E402, F401  (re-exported for the test modules)
 from host_server import HOST_DIR, VENV_PYTHON, HostRunError, HostServer, files_from_ui  # noqa: E402

@@ -284,7 +284,7 @@ class CVXTestAnyString(io.ComfyNode):
 
 
 # ------------------------------------------------------------------------------------------------
-# Fault injectors, one per stage of a run (tests/test_reliability_faults.py). Each fires once, at its
+# Fault injectors, one per stage of a run (tests/host/test_reliability_faults.py). Each fires once, at its
 # ``at``-th use, either ``raise`` (CVXTestFault) or ``interrupt``: the host's interrupt flag (what POST
 # /interrupt sets) and then the host's own check, which raises InterruptProcessingException there, as the
 # host's progress hook does inside any long operation.
@@ -464,7 +464,7 @@ async def comfy_entrypoint() -> CVXTestNodes:
 
 
 # ------------------------------------------------------------------------------------------------
-# Wan test node (tests/test_wan_tokens.py, tests/test_wan_e2e.py). Appended; joins the list above.
+# Wan test node (tests/host/test_wan_tokens.py, tests/host/test_wan_e2e.py). Appended; joins the list above.
 #
 # - CVXTestWanTokenizerClip: the host's real CLIP class with the host's real Wan umT5 tokenizer
 #   (comfy.text_encoders.wan.WanT5Tokenizer) and no text encoder. The umT5 SentencePiece model ships
