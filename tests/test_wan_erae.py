@@ -37,14 +37,16 @@ def _region(host, **kw):
 
 
 def _patched(host, kind: str, region, layers: int):
-    """A tiny Wan model with ERAE auto: Phantom's frames biased by the frames node, or a reference inserted
-    into Wan T2V by CustomVideoXApply."""
+    """A tiny Wan model with ERAE auto: Phantom's or VACE's frames biased by the frames node, or a reference
+    inserted into Wan T2V by CustomVideoXApply."""
     import comfy.sd
 
-    model = comfy.sd.load_diffusion_model_state_dict(tw.build_wan_state_dict(seed=5, layers=layers))
+    sd = tw.build_wan_state_dict(seed=5, layers=layers, vace=kind == "vace")
+    model = comfy.sd.load_diffusion_model_state_dict(sd)
     common = dict(block_start=0, block_end=-1, apply_to_uncond=True, region=region)
-    if kind == "phantom":
-        return host.node_classes[NODE].execute(model=model, strength=1.5, leading_frames=0, **common).result[0]
+    if kind in ("phantom", "vace"):
+        return host.node_classes[NODE].execute(model=model, strength=1.5, leading_frames=int(kind == "vace"),
+                                               **common).result[0]
     types = host.pack("nodes.types")
     ref = types.EncodedReference(latent=torch.randn(1, 16, 1, H, W, generator=torch.Generator().manual_seed(8)),
                                  width=W * 8, height=H * 8, family="Wan2.1")
@@ -54,28 +56,34 @@ def _patched(host, kind: str, region, layers: int):
 
 
 def _sample(model, kind: str, steps: int = 3):
-    """A CFG run as WanPhantomSubjectToVideo wires it: the positive carries the reference images, the
-    negative (``negative_img_text``) zeros in the model's latent space."""
+    """A CFG run. Phantom as WanPhantomSubjectToVideo wires it: the positive carries the reference images, the
+    negative (``negative_img_text``) zeros in the model's latent space. VACE: the leading latent frame is the
+    reference, and (stricter than WanVaceToVideo, which gives both the same) the positive's and negative's
+    VACE context differ, so a probe must use the positive's."""
     import comfy.latent_formats
     import comfy.sample
 
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn(1, 16, T, H, W, generator=g)
+    noise = torch.randn(1, 16, T + int(kind == "vace"), H, W, generator=g)
     pos, neg = torch.randn(1, 12, tw.TEXT_DIM, generator=g), torch.randn(1, 12, tw.TEXT_DIM, generator=g)
     pos_extra, neg_extra = {}, {}
     if kind == "phantom":
         images = torch.randn(1, 16, 1, H, W, generator=g)
         pos_extra = {"time_dim_concat": images}
         neg_extra = {"time_dim_concat": comfy.latent_formats.Wan21().process_out(torch.zeros_like(images))}
+    if kind == "vace":
+        pos_extra, neg_extra = ({"vace_frames": [torch.randn(1, 32, *noise.shape[2:], generator=g)]} for _ in "pn")
     return comfy.sample.sample(model, noise, steps, 2.0, "euler", "simple", [[pos, pos_extra]], [[neg, neg_extra]],
                                torch.zeros_like(noise), disable_pbar=True, seed=0)
 
 
 @pytest.mark.parametrize("order", ["uncond_first", "cond_first"])
-@pytest.mark.parametrize("kind,map_blocks", [("phantom", 1), ("phantom", 2), ("inserted", 1)])
+@pytest.mark.parametrize("kind,map_blocks", [("phantom", 1), ("phantom", 2), ("vace", 1), ("inserted", 1)])
 def test_uncond_alone_equals_uncond_batched_with_cond(host, kind, map_blocks, order):
-    layers = 2 + map_blocks  # the map's blocks, then blocks that use it
-    patched = _patched(host, kind, _region(host, map_blocks=map_blocks), layers)
+    # VACE adds its hints after block 0, so the map is read at block 1 there, where they count.
+    map_block = int(kind == "vace")
+    layers = map_block + map_blocks + 1  # the map's blocks, then a block that uses it
+    patched = _patched(host, kind, _region(host, map_block=map_block, map_blocks=map_blocks), layers)
     m, pairs = alone_vs_batched(patched, uncond_first=order == "uncond_first")
     _sample(m, kind)
     assert len(pairs) == 3
