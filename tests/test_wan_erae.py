@@ -72,7 +72,8 @@ def _sample(model, kind: str, steps: int = 3):
         pos_extra = {"time_dim_concat": images}
         neg_extra = {"time_dim_concat": comfy.latent_formats.Wan21().process_out(torch.zeros_like(images))}
     if kind == "vace":
-        pos_extra, neg_extra = ({"vace_frames": [torch.randn(1, 32, *noise.shape[2:], generator=g)]} for _ in "pn")
+        pos_extra = {"vace_frames": [torch.randn(1, 32, *noise.shape[2:], generator=g)]}
+        neg_extra = {"vace_frames": [torch.randn(1, 32, *noise.shape[2:], generator=g)]}
     return comfy.sample.sample(model, noise, steps, 2.0, "euler", "simple", [[pos, pos_extra]], [[neg, neg_extra]],
                                torch.zeros_like(noise), disable_pbar=True, seed=0)
 
@@ -141,6 +142,7 @@ def test_phantom_erae_map_averaged_over_blocks_equals_oracle(host):
                 auto=(0, (1, 3), 2))
     want = diffusers_run(sd, torch.cat([x, ref], 2), t, ctx, spec, layers=4)[:, :, :T]
     assert spec.region_map is not None and float(spec.region_map.max()) > 0.5
+    print(f"map_blocks 2 vs oracle: max |diff| = {float((ours - want).abs().max()):.2e}")
     assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
     # Averaging is not reading block 0 alone: the one-block map gives another output.
     one = Spec(video + HW, slice(video, None), slice(0, video), [math.log(1.5)] * 2, range(4), lam=4.0,
@@ -212,6 +214,7 @@ def test_two_stacked_references_each_get_their_own_biases_like_the_dense_oracle(
         (slice(HW, 2 * HW), [math.log(0.6)] * 2, range(1, 2), region_map)], lam=1.5)
     want = diffusers_run(sd, torch.cat([a, b, x], 2), t, ctx, spec)[:, :, 2:]
     assert ours.shape == x.shape
+    print(f"two stacked references vs oracle: max |diff| = {float((ours - want).abs().max()):.2e}")
     assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
     # The columns are told apart: the same biases on swapped references give another output.
     swapped = diffusers_run(sd, torch.cat([b, a, x], 2), t, ctx, spec)[:, :, 2:]
