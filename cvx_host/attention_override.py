@@ -15,21 +15,13 @@ from functools import partial
 
 import torch
 
-from ..cvx_core.entity_region import entity_attention, normalize_entity_map, refine_map
+from ..cvx_core.entity_region import entity_attention, refine_map
 from ..cvx_core.reference_attention import column_bias, reference_attention, reference_attention_lse
 from . import options
 from .errors import PatchError
 from .forward_state import ForwardState
 
 log = logging.getLogger("customvideox")
-
-
-class MapsReady(Exception):  # noqa: N818 (control flow, not an error)
-    """Ends a map probe once the positive prompt's ERAE maps are computed (no block after is needed)."""
-
-    def __init__(self, maps: dict[int, torch.Tensor]):
-        super().__init__()
-        self.maps = maps
 
 
 class AttentionOverride:
@@ -88,18 +80,16 @@ class AttentionOverride:
         bias of bias_rows=video references), or None; computes the auto maps at their blocks."""
         layout = state.layout
         for e_i, e in enumerate(state.entries):
-            r = e.region
-            if r is None or r.mode != "auto" or not state.erae_on[e_i] or state.maps_given \
-                    or not r.map_block <= block <= r.last_map_block:
+            if state.maps is None or not state.maps.reads(e_i, block):
                 continue
-            vs = layout.video_query_start
-            rows = state.map_rows
+            r, vs, rows = e.region, layout.video_query_start, state.maps.rows
             a = entity_attention(q[rows], k[rows], (0, layout.text), (vs, vs + layout.video), r.entity_idx,
                                  layout.grid)
-            state.map_acc[e_i] = a if block == r.map_block else state.map_acc[e_i] + a
-            if block == r.last_map_block:
-                map_ready(state, e_i, normalize_entity_map(state.map_acc.pop(e_i) / r.map_blocks, layout.grid,
-                                                            r.norm), q.shape[0])
+            m = state.maps.add(e_i, block, a)
+            if m is not None:  # the cond chunk's maps serve every chunk
+                state.region_maps[e_i] = refine_map(m.repeat(q.shape[0] // m.shape[0], 1), layout.grid, r.refine,
+                                                    r.top_k, r.smooth)
+                state.region_bias.clear()
         uses = tuple(state.region_maps.get(e_i) is not None and active[e_i]
                      and not (e.region.mode == "auto" and block <= e.region.last_map_block)
                      for e_i, e in enumerate(state.entries))
@@ -114,23 +104,6 @@ class AttentionOverride:
                                dim=1)
             state.region_bias[key] = bias if video is None else bias + video[:, :, None].to(bias)
         return state.region_bias[key]
-
-
-def map_ready(state: ForwardState, e_i: int, m: torch.Tensor, batch: int) -> None:
-    """An auto map of ``state.map_rows`` is complete: serve it to every chunk; once all auto maps of the
-    call exist, cache them for this (x, timestep) and end a probe."""
-    r = state.entries[e_i].region
-    state.region_maps[e_i] = refine_map(m.repeat(batch // m.shape[0], 1), state.layout.grid, r.refine, r.top_k,
-                                        r.smooth)
-    state.region_bias.clear()
-    state.map_done[e_i] = m
-    if any(state.erae_on[i] and e.region.mode == "auto" and i not in state.map_done
-           for i, e in enumerate(state.entries)):
-        return
-    if state.run is not None and state.map_key is not None:
-        state.run.store_maps(*state.map_key, state.map_done)
-    if state.probe:
-        raise MapsReady(state.map_done)
 
 
 def _takes_mask(fn) -> bool:

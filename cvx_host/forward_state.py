@@ -14,7 +14,7 @@ from .entries import ReferenceEntry
 
 if TYPE_CHECKING:
     from .backbone import InsertsReferences
-    from .run_cache import RunCache
+    from .run_cache import AutoMaps
 
 
 @dataclass
@@ -28,16 +28,8 @@ class ForwardState:
     ref_owner: list[int]  # entry index of each reference
     num_blocks: int
     cond_row: int = 0
-    # ERAE auto maps: the rows whose attention gives them (a cond chunk; its maps are tiled over the
-    # call's chunks), whether each entry's ERAE is on at this progress, maps given by the wrapper.
-    map_rows: slice = field(default_factory=lambda: slice(None))
-    erae_on: tuple[bool, ...] = ()
-    maps_given: bool = False
-    probe: bool = False
-    run: RunCache | None = None
-    map_key: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, timestep) of map_rows, to cache the maps
-    map_acc: dict[int, torch.Tensor] = field(default_factory=dict)  # entry -> summed raw attention
-    map_done: dict[int, torch.Tensor] = field(default_factory=dict)  # entry -> normalised map of map_rows
+    erae_on: tuple[bool, ...] = ()  # per entry: its ERAE is on at this call's progress
+    maps: AutoMaps | None = None  # the ERAE auto maps this call reads (from its cond rows, unless given)
     lse: bool = False  # attention_path "lse" (see entries.ATTENTION_PATHS)
     ref_kv: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # one-way: per entry, per block
     region_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # entry -> [B, Sv]

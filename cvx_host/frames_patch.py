@@ -8,7 +8,11 @@
   the reference tokens are the model's own;
 * an ``optimized_attention_override`` (chained onto any existing one) that adds the bias on the
   reference-key columns of the self-attention calls, and reads the ERAE map from the text
-  cross-attention at ``map_block``.
+  cross-attention of blocks ``map_block .. map_block + map_blocks - 1`` (averaged).
+
+ERAE auto maps are the positive prompt's in every call: from the call's cond rows, else (the host ran the
+uncond rows alone) the maps this step's cond call cached, else a probe forward of the positive
+conditioning's inputs (its prompt, and its Phantom frames) up to the last map block (:mod:`.run_cache`).
 
 With a subject mask on the reference images, the reference tokens outside the subject get an extra
 bias on their key columns (hidden by default): the same column mask, no extra attention cost.
@@ -28,7 +32,7 @@ from functools import partial
 import comfy.patcher_extension as pe
 import torch
 
-from ..cvx_core.entity_region import EntityRegion, entity_map_from_attention, mask_to_token_map
+from ..cvx_core.entity_region import EntityRegion, entity_attention, mask_to_token_map
 from ..cvx_core.frame_layout import FrameLayout, background_column_bias, row_biases, subject_tokens
 from ..cvx_core.reference_attention import column_bias, reference_attention
 from ..cvx_core.tab_schedule import TABSchedule
@@ -36,7 +40,7 @@ from . import options
 from .entries import BiasSettings, check_blocks
 from .errors import PatchError
 from .progress import call_progress
-from .run_cache import estimate_with_extra_frames, install_run_cache
+from .run_cache import AutoMaps, estimate_with_extra_frames, install_run_cache, positive_maps
 from .wan import CallOrder, Wan, check_self_call, to_heads
 
 NODE = "CustomVideoXReferenceFramesBias"
@@ -77,9 +81,9 @@ class FramesState:
     entry_background: list[torch.Tensor | None]  # per entry: [B, keys] background column bias, or None
     entry_rows: list[torch.Tensor]  # per entry: [B] 1 on the rows it biases (apply_to_uncond), else 0
     num_blocks: int
-    cond_row: int
     backbone: Wan
     region_on: tuple[bool, ...]  # per entry: ERAE applies at this call's progress
+    maps: AutoMaps  # the ERAE auto maps this call reads (from its cond rows, unless given)
     order: CallOrder = field(default_factory=CallOrder)
     region_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # entry -> [B, Sv]
     cache: dict = field(default_factory=dict)  # (kind, active entries) -> mask / region bias
@@ -103,7 +107,8 @@ class FramesState:
         return self.cache[key]
 
     def region(self, block: int, active: tuple[bool, ...]) -> torch.Tensor | None:
-        uses = tuple(on and i in self.region_maps and not (e.region.mode == "auto" and block <= e.region.map_block)
+        uses = tuple(on and i in self.region_maps
+                     and not (e.region.mode == "auto" and block <= e.region.last_map_block)
                      for i, (e, on) in enumerate(zip(self.entries, active)))
         if not any(uses):
             return None
@@ -183,17 +188,41 @@ def _biased_call(executor, entries: list[FramesEntry], backbone: Wan, x, leading
     if (all(not bool((b != 0).any()) for b in entry_bias) and all(b is None for b in (*entry_off, *entry_background))
             and not any(region_on)):
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
-    cond_row = cond_or_uncond.index(0) * (batch // len(cond_or_uncond)) if 0 in cond_or_uncond else 0
+    per = batch // len(cond_or_uncond) if cond_or_uncond else batch
+    cond_row = cond_or_uncond.index(0) * per if 0 in cond_or_uncond else 0
+    auto = {i: e.region for i, e in enumerate(entries) if region_on[i] and e.region.mode == "auto"}
     state = FramesState(entries=entries, layout=layout, entry_bias=entry_bias, entry_off=entry_off,
                         entry_background=entry_background,
                         entry_rows=[torch.tensor(r, dtype=torch.float32, device=x.device) for r in rows],
-                        num_blocks=backbone.num_blocks, cond_row=cond_row,
-                        backbone=backbone, region_on=region_on)
+                        num_blocks=backbone.num_blocks, backbone=backbone, region_on=region_on,
+                        maps=AutoMaps(auto, layout.grid, slice(cond_row, cond_row + per),
+                                      probe=options.is_map_probe(transformer_options)))
     for i, e in enumerate(entries):
         r = e.region
         if r is not None and r.mode == "mask" and state.region_on[i]:
             m = mask_to_token_map(r.mask, layout.grid).to(x.device, torch.float32)
             state.region_maps[i] = r.refined(m[None].expand(batch, -1), layout.grid)
+    # ERAE auto reads the positive prompt in every call. Outside a sampler (no run cache) a call without
+    # cond rows reads its own first chunk.
+    cache = options.run_cache(transformer_options)
+    text = cache.positive(context) if cache is not None else None
+    if auto and text is not None:
+        if 0 in cond_or_uncond:
+            rows = state.maps.rows
+            if torch.equal(context[rows], text.expand(per, -1, -1)):
+                state.maps.run, state.maps.key = cache, (x[rows], timestep[rows])
+        elif cond_or_uncond:
+            def probe(rows: slice, opts: dict) -> None:
+                # The cond rows' inputs: the positive prompt, and the positive's own extra inputs (Phantom's
+                # frames are zeros in WanPhantomSubjectToVideo's negative_img_text, the images in the positive).
+                pos = cache.positive_inputs(per, x)
+                _biased_call(executor, entries, backbone, x[rows], leading, timestep[rows], text.expand(per, -1, -1),
+                             pos.pop("clip_fea", None), pos.pop("time_dim_concat", None), opts, **{**kwargs, **pos})
+
+            need = [i for i in auto if bool(state.entry_rows[i].any())]
+            maps = positive_maps(cache, x, timestep, transformer_options, need, probe) if need else {}
+            state.region_maps.update({i: entries[i].region.refined(m, layout.grid) for i, m in maps.items()})
+            state.maps.given = True
     opts = dict(transformer_options)
     opts[options.FRAMES_STATE_KEY] = state
     return executor(x, timestep, context, clip_fea, time_dim_concat, opts, **kwargs)
@@ -242,32 +271,23 @@ class FramesAttentionOverride:
     def _read_map(state: FramesState, block: int, q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
         layout = state.layout
         for i, e in enumerate(state.entries):
-            r = e.region
-            if r is None or r.mode != "auto" or block != r.map_block or not state.region_on[i]:
+            if not state.maps.reads(i, block):
                 continue
+            r = e.region
             if max(r.entity_idx) >= k.shape[1]:
                 raise ValueError(f"{NODE}: the region's subject words are at text positions up to "
                                  f"{max(r.entity_idx)}, but the prompt has {k.shape[1]} tokens")
-            vs = layout.video_query_start
-            m = entity_map_from_attention(to_heads(q, heads), to_heads(k, heads), (0, k.shape[1]),
-                                          (vs, vs + layout.video), r.entity_idx, layout.grid, norm=r.norm)
-            # Only a cond row's prompt holds the entity: its map serves every row.
-            m = m[state.cond_row:state.cond_row + 1].expand(q.shape[0], -1)
-            state.region_maps[i] = r.refined(m, layout.grid)
-            state.cache = {key: val for key, val in state.cache.items() if key[0] != "region"}
-
-
-def _check_region(entry: FramesEntry, node: str) -> None:
-    """The Wan patch reads an auto map from one cross-attention call: averaging over blocks is not built."""
-    if entry.region is not None and entry.region.mode == "auto" and entry.region.map_blocks > 1:
-        raise PatchError(f"{node} region: map_blocks {entry.region.map_blocks} on a Wan model: averaging the ERAE "
-                         f"map over several blocks is not built for Wan yet; set CustomVideoXEntityRegion's "
-                         f"map_blocks to 1")
+            vs, rows = layout.video_query_start, state.maps.rows
+            a = entity_attention(to_heads(q[rows], heads), to_heads(k[rows], heads), (0, k.shape[1]),
+                                 (vs, vs + layout.video), r.entity_idx, layout.grid)
+            m = state.maps.add(i, block, a)
+            if m is not None:  # only a cond chunk's prompt holds the entity: its maps serve every chunk
+                state.region_maps[i] = r.refined(m.repeat(q.shape[0] // m.shape[0], 1), layout.grid)
+                state.cache = {key: val for key, val in state.cache.items() if key[0] != "region"}
 
 
 def apply_frames_bias(model, entry: FramesEntry):
     """A patched clone of ``model`` with ``entry`` added (the input model is not changed)."""
-    _check_region(entry, NODE)
     m = model.clone()
     Wan.for_model(m, NODE)
     to = options.model_options(m)
@@ -287,7 +307,6 @@ def apply_frames_bias(model, entry: FramesEntry):
 def apply_inserted_reference(model, latent: torch.Tensor, entry: FramesEntry, node: str = "CustomVideoXApply"):
     """A patched clone of a Wan T2V ``model`` with the reference ``latent`` ``[N, C, 1, h, w]`` (the model's
     latent format) inserted as N leading latent frames of every model call, biased by ``entry``."""
-    _check_region(entry, node)
     m = model.clone()
     Wan.for_model(m, node)
     to = options.model_options(m)

@@ -12,7 +12,7 @@
 
 ERAE auto maps are the positive prompt's in every call: a call without cond rows (the host runs uncond
 alone when memory is short) reuses the maps its step's cond call cached, or runs the positive prompt up
-to the last map block (a "probe", ended by :class:`.attention_override.MapsReady`).
+to the last map block (a "probe", :func:`.run_cache.positive_maps`).
 
 Several ``apply_reference`` calls stack: entries accumulate in the model's options; the machinery is
 installed once.
@@ -26,14 +26,14 @@ import torch
 from ..cvx_core.entity_region import mask_to_token_map, refine_map
 from ..cvx_core.reference_timestep import noised_reference, reference_noise
 from . import options
-from .attention_override import AttentionOverride, MapsReady
+from .attention_override import AttentionOverride
 from .cogvideox import CogVideoX
 from .entries import ReferenceEntry, check_stackable
 from .errors import PatchError
 from .forward_state import ForwardState
 from .forward_state import row_bias as build_row_bias
 from .progress import call_progress, call_sigmas
-from .run_cache import RunCache, estimate_with_extra_frames, install_run_cache
+from .run_cache import AutoMaps, estimate_with_extra_frames, install_run_cache, positive_maps, select_rows
 
 
 def _mask_maps(entries: list[ReferenceEntry], grid: tuple[int, int, int], latent_frames: int, batch: int,
@@ -80,9 +80,11 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
     cond_row = cond_or_uncond.index(0) * per if 0 in cond_or_uncond else 0
     # ERAE's start_percent is read in the entry's TAB progress mode (steps without a schedule).
     erae_on = tuple(e.region_on(progress) for e in entries)
+    auto = {e_i: e.region for e_i, e in enumerate(entries) if erae_on[e_i] and e.region.mode == "auto"}
     state = ForwardState(entries=entries, backbone=backbone, layout=layout, row_bias=row_bias, ref_owner=owner,
-                         num_blocks=backbone.num_blocks, cond_row=cond_row, map_rows=slice(cond_row, cond_row + per),
-                         erae_on=erae_on, probe=options.is_map_probe(transformer_options),
+                         num_blocks=backbone.num_blocks, cond_row=cond_row, erae_on=erae_on,
+                         maps=AutoMaps(auto, grid, slice(cond_row, cond_row + per),
+                                       probe=options.is_map_probe(transformer_options)),
                          lse=entries[0].attention_path == "lse")
 
     # Every mask is checked on the first call (a clear error before sampling goes far); a region is
@@ -94,22 +96,22 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
     # Outside a sampler (no run cache) a call without cond rows reads its own first rows.
     cache = options.run_cache(transformer_options)
     text = cache.positive(context) if cache is not None else None
-    auto = [e_i for e_i, e in enumerate(entries) if erae_on[e_i] and e.region.mode == "auto"]
     if auto and text is not None and by_rows:
-        state.run = cache
         if 0 in cond_or_uncond:
-            rows = state.map_rows
+            rows = state.maps.rows
             if torch.equal(context[rows], text.expand(per, -1, -1)):
-                state.map_key = (x[rows], timestep[rows])
+                state.maps.run, state.maps.key = cache, (x[rows], timestep[rows])
         else:
-            cols = {e_i: owner.index(e_i) for e_i in auto}
-            need = [e_i for e_i in auto if bool(torch.isfinite(row_bias[:, cols[e_i]]).any())]
-            maps = _positive_maps(executor, x, timestep, text, ofs, transformer_options, kwargs, cache, need) \
-                if need else {}
+            def probe(rows: slice, opts: dict) -> None:
+                diffusion_wrapper(executor, x[rows], timestep[rows], text.expand(per, -1, -1),
+                                  None if ofs is None else ofs[rows], opts, **kwargs)
+
+            need = [e_i for e_i in auto if bool(torch.isfinite(row_bias[:, owner.index(e_i)]).any())]
+            maps = positive_maps(cache, x, timestep, transformer_options, need, probe) if need else {}
             state.region_maps.update(
                 {e_i: refine_map(m, grid, entries[e_i].region.refine, entries[e_i].region.top_k,
                                  entries[e_i].region.smooth) for e_i, m in maps.items()})
-            state.maps_given = True
+            state.maps.given = True
 
     opts = dict(transformer_options)
     opts[options.STATE_KEY] = state
@@ -125,19 +127,6 @@ def diffusion_wrapper(executor, x, timestep, context, ofs, transformer_options, 
                                             **kwargs)
 
 
-def _select_rows(transformer_options: dict, chunks: list[int], idx: torch.Tensor, batch: int) -> dict:
-    """``transformer_options`` for the rows ``idx`` (the chunks ``chunks`` of ``cond_or_uncond``)."""
-    n = len(transformer_options["cond_or_uncond"])
-    opts = {}
-    for key, value in transformer_options.items():
-        if isinstance(value, list) and len(value) == n:
-            value = [value[i] for i in chunks]
-        elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
-            value = value[idx]
-        opts[key] = value
-    return opts
-
-
 def _split_rows(executor, off: torch.Tensor, x, timestep, context, ofs, transformer_options, **kwargs):
     """Rows whose references are all off (e.g. uncond with apply_to_uncond off) run without the
     reference tokens: exact, and cheaper than masking them inside the batch (bench/README.md)."""
@@ -147,38 +136,10 @@ def _split_rows(executor, off: torch.Tensor, x, timestep, context, ofs, transfor
     for rows_off in (True, False):
         keep = [i for i in range(len(chunks)) if bool(off[i * per]) == rows_off]
         idx = torch.tensor([i * per + j for i in keep for j in range(per)], device=x.device)
-        opts = _select_rows(transformer_options, keep, idx, x.shape[0])
+        opts = select_rows(transformer_options, keep, idx, x.shape[0])
         args = (x[idx], timestep[idx], context[idx], None if ofs is None else ofs[idx], opts)
         out[idx] = executor(*args, **kwargs) if rows_off else diffusion_wrapper(executor, *args, **kwargs)
     return out
-
-
-def _positive_maps(executor, x, timestep, text, ofs, transformer_options, kwargs, cache: RunCache,
-                   need: list[int]) -> dict[int, torch.Tensor]:
-    """The positive prompt's raw-normalised ERAE maps ``[B, Sv]`` for a call without cond rows: per chunk,
-    the maps cached for the same (x, timestep), else a probe forward of the positive prompt on that x and
-    timestep, stopped once the maps exist. The same noisy input and text give the same maps as the cond
-    rows of a batched call (x, not sigma alone, is compared: Heun evaluates one sigma at two x)."""
-    chunks = transformer_options["cond_or_uncond"]
-    per = x.shape[0] // len(chunks)
-    parts: dict[int, list[torch.Tensor]] = {e_i: [] for e_i in need}
-    for c in range(len(chunks)):
-        rows = slice(c * per, (c + 1) * per)
-        maps = cache.maps_for(x[rows], timestep[rows])
-        if maps is None or any(e_i not in maps for e_i in need):
-            idx = torch.arange(c * per, (c + 1) * per, device=x.device)
-            opts = _select_rows(transformer_options, [c], idx, x.shape[0])
-            opts.update(cond_or_uncond=[0], **{options.PROBE_KEY: True})
-            try:
-                diffusion_wrapper(executor, x[rows], timestep[rows], text.expand(per, -1, -1),
-                                  None if ofs is None else ofs[rows], opts, **kwargs)
-            except MapsReady as done:
-                maps = done.maps
-            else:
-                raise RuntimeError("CustomVideoX: the ERAE map probe ran past its map blocks")
-        for e_i in need:
-            parts[e_i].append(maps[e_i])
-    return {e_i: torch.cat(p) for e_i, p in parts.items()}
 
 
 def _one_way_kv(backbone: CogVideoX, entries: list[ReferenceEntry], context, transformer_options: dict, ofs, x,

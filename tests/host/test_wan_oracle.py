@@ -43,7 +43,12 @@ class Spec:
         self.col_extra = col_extra  # [B, S]: a further bias per key column (every query row), or None
         self.col_bias, self.blocks, self.lam = col_bias, blocks, lam
         self.region_map = region_map  # [B, Sv] or None
-        self.auto = auto  # (map_block, entity positions) or None
+        self.auto = auto  # (map_block, entity positions[, map_blocks: the map averaged over them]) or None
+        self.attention_sum: torch.Tensor | None = None  # the entity attention summed over the map blocks so far
+
+    @property
+    def last_map_block(self) -> int:
+        return self.auto[0] + (self.auto[2] if len(self.auto) > 2 else 1) - 1
 
     def dense(self, block: int, batch: int) -> torch.Tensor:
         bias = torch.zeros(batch, 1, self.tokens, self.tokens)
@@ -53,7 +58,7 @@ class Spec:
             bias[b, 0, :, self.ref_cols] += self.col_bias[b]
             if self.col_extra is not None:
                 bias[b, 0] += self.col_extra[b]
-            if self.region_map is not None and not (self.auto and block <= self.auto[0]):
+            if self.region_map is not None and not (self.auto and block <= self.last_map_block):
                 bias[b, 0, self.video_rows, self.ref_cols] += self.lam * self.region_map[b][:, None]
         return bias
 
@@ -73,7 +78,7 @@ class DenseBiasProcessor:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         if cross:
-            if self.spec.auto and self.block == self.spec.auto[0]:
+            if self.spec.auto and self.spec.auto[0] <= self.block <= self.spec.last_map_block:
                 self._entity_map(logits)
         else:
             logits = logits + self.spec.dense(self.block, q.shape[0])
@@ -82,17 +87,22 @@ class DenseBiasProcessor:
 
     def _entity_map(self, logits: torch.Tensor) -> None:
         # Video rows' attention to the entity's text tokens: softmax over the text, summed over the
-        # entity, mean over heads, then per frame the excess over the frame's mean relative to that mean,
-        # clamped to 0..1 (the default "relative" normalisation); the cond row (0) gives the map for all rows.
-        p = torch.softmax(logits[0, :, self.spec.video_rows], dim=-1)[..., list(self.spec.auto[1])].sum(-1)
-        frames = p.mean(0).view(-1, HW)
+        # entity, mean over heads, averaged over the map blocks, then per frame the excess over the frame's
+        # mean relative to that mean, clamped to 0..1 (the default "relative" normalisation); the cond row (0)
+        # gives the map for all rows.
+        p = torch.softmax(logits[0, :, self.spec.video_rows], dim=-1)[..., list(self.spec.auto[1])].sum(-1).mean(0)
+        self.spec.attention_sum = p if self.block == self.spec.auto[0] else self.spec.attention_sum + p
+        if self.block < self.spec.last_map_block:
+            return
+        frames = (self.spec.attention_sum / (self.spec.last_map_block - self.spec.auto[0] + 1)).view(-1, HW)
         mean = frames.mean(-1, keepdim=True)
         m = ((frames - mean) / mean).clamp(0, 1).flatten()
         self.spec.region_map = m[None].expand(logits.shape[0], -1)
 
 
-def diffusers_run(sd: dict, latent: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, spec: Spec) -> torch.Tensor:
-    peer = tw.build_diffusers_wan(sd)
+def diffusers_run(sd: dict, latent: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, spec: Spec,
+                  **config: int) -> torch.Tensor:
+    peer = tw.build_diffusers_wan(sd, **config)
     for i, block in enumerate(peer.blocks):
         block.attn1.set_processor(DenseBiasProcessor(i, spec))
         block.attn2.set_processor(DenseBiasProcessor(i, spec))
@@ -457,13 +467,17 @@ def test_apply_on_wan_at_strength_one_is_off_outside_its_block_range(host, wan_s
     assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
 
 
-def test_wan_refuses_an_erae_map_averaged_over_blocks(host):
-    """The Wan patch reads the auto map at one block; map_blocks > 1 is an error, not silently ignored."""
+def test_wan_refuses_an_erae_map_whose_blocks_reach_the_last_biased_block(host):
+    """map_blocks > 1 is built on Wan (tests/host/test_wan_erae.py checks it against the oracle); map blocks that
+    leave no later block to use the map are a clear error naming the node, for both nodes."""
     from customvideox.cvx_core import entity_region as er
-    wan_sd = tw.build_wan_state_dict(seed=3, layers=4)  # room for blocks 0..1 below the last block
+    wan_sd = tw.build_wan_state_dict(seed=3, layers=4)
     x, ref, ctx, t = inputs(15, refs=1, leading=True)
-    region = er.EntityRegion(mode="auto", entity_idx=(1,), map_block=0, map_blocks=2, lam=1.0)
-    with pytest.raises(ValueError, match="CustomVideoXApply region: map_blocks 2 on a Wan model"):
+    fine = er.EntityRegion(mode="auto", entity_idx=(1,), map_block=0, map_blocks=2, lam=1.0, start_percent=0.0)
+    assert torch.isfinite(apply_run(host, wan_sd, ref[:1], x, t, ctx, region=fine)).all()
+    region = er.EntityRegion(mode="auto", entity_idx=(1,), map_block=2, map_blocks=2, lam=1.0)
+    reach = r"map_block 2 with map_blocks 2 \(blocks 2\.\.3\) reaches block 3.*below 3"
+    with pytest.raises(ValueError, match=f"CustomVideoXApply: the region's {reach}"):
         apply_run(host, wan_sd, ref[:1], x, t, ctx, region=region)
-    with pytest.raises(ValueError, match=f"{NODE} region: map_blocks 2 on a Wan model"):
+    with pytest.raises(ValueError, match=f"{NODE}: the region's {reach}"):
         host_run(host, wan_sd, x, t, ctx, tdc=ref, region=region)
