@@ -417,9 +417,7 @@ def test_apply_on_wan_t2v_with_the_reference_off_is_the_unpatched_model(host, wa
     assert (on - plain).abs().max() > 1e-2  # the reference is really in the attention at strength 1
 
 
-@pytest.mark.parametrize("setting,value", [("attention_mode", "one_way"), ("reference_rope", "none"),
-                                           ("reference_timestep", "noised"), ("bias_rows", "video"),
-                                           ("attention_path", "lse")])
+@pytest.mark.parametrize("setting,value", [("bias_rows", "video"), ("attention_path", "lse")])
 def test_apply_on_wan_refuses_settings_it_cannot_honour(host, wan_sd, setting, value):
     x, ref, ctx, t = inputs(13, refs=1, leading=True)
     with pytest.raises(ValueError, match=f"CustomVideoXApply {setting}: '{value}' on a Wan model"):
