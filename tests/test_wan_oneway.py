@@ -35,8 +35,8 @@ class Oracle:
     """The dense rule of one run: token order ``[refs | video]``, every reference one frame at ``slot``."""
 
     def __init__(self, refs: int, slot: int, one_way: bool, col_bias: list[list[float]], blocks: range,
-                 region: torch.Tensor | None = None, lam: float = 0.0):
-        self.refs, self.slot, self.one_way = refs, slot, one_way
+                 region: torch.Tensor | None = None, lam: float = 0.0, auto: tuple[int, tuple[int, ...]] | None = None):
+        self.refs, self.slot, self.one_way, self.auto = refs, slot, one_way, auto  # auto: (map_block, entity)
         self.col_bias = col_bias  # [B][refs] bias on each reference's columns from video (and two-way ref) rows
         self.blocks, self.region, self.lam = blocks, region, lam  # region: [B, video tokens] ERAE map or None
         self.r, self.tokens = refs * HW, (refs + T) * HW
@@ -84,12 +84,25 @@ class Processor:
         if not cross:
             q, k = self.rope(q), self.rope(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        if cross and self.oracle.auto and self.block == self.oracle.auto[0]:
+            self.entity_map(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
         out = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
                             + (0 if cross else self.oracle.dense(self.block, q.shape[0])), dim=-1) @ v
         if cross and self.oracle.one_way:  # the reference's own stream reads the positive prompt (row 0)
             r = self.oracle.r
             out[:, :, :r] = torch.softmax(q[:, :, :r] @ k[:1].transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v[:1]
         return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
+
+
+    def entity_map(self, logits: torch.Tensor) -> None:
+        # The cond row's (0) video rows' attention to the entity's text tokens: softmax over the text, summed
+        # over the entity, mean over heads; per frame the excess over the frame's mean relative to that mean,
+        # clamped to 0..1 (the default "relative" normalisation); it serves every row.
+        o = self.oracle
+        p = torch.softmax(logits[0, :, o.r:], dim=-1)[..., list(o.auto[1])].sum(-1)
+        frames = p.mean(0).view(-1, HW)
+        mean = frames.mean(-1, keepdim=True)
+        o.region = ((frames - mean) / mean).clamp(0, 1).flatten()[None].expand(logits.shape[0], -1)
 
 
 def diffusers_run(sd: dict, latent: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, oracle: Oracle) -> torch.Tensor:
@@ -177,11 +190,23 @@ def test_reference_rope_slot_equals_the_oracle_at_hand_built_positions(host, wan
         assert (rope == "shift") == bool(torch.allclose(ours, moved, atol=ATOL))
 
 
-def test_two_stacked_one_way_references_share_the_slot_after_the_video(host, wan_sd):
+def test_one_way_erae_auto_map_from_the_videos_cross_attention_equals_the_oracle(host, wan_sd):
+    er = host.pack("cvx_core.entity_region")
+    x, raw, ctx, t = inputs(8)
+    region = er.EntityRegion(mode="auto", entity_idx=(1, 3), map_block=0, lam=3.0, start_percent=0.0)
+    ours = forward(apply_model(host, wan_sd, raw, strength=1.5, region=region), x, t, ctx, {"cond_or_uncond": [0, 1]})
+    oracle = Oracle(1, -1, True, [[math.log(1.5)]] * 2, range(2), lam=3.0, auto=(0, (1, 3)))
+    want = diffusers_run(wan_sd, torch.cat([processed(raw[0]).expand(2, -1, -1, -1, -1), x], 2), t, ctx, oracle)
+    assert oracle.region is not None and float(oracle.region.max()) > 0
+    assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
+
+
+@pytest.mark.parametrize("mode", ["one_way", "two_way"])
+def test_two_stacked_references_share_the_slot_after_the_video(host, wan_sd, mode):
     x, raw, ctx, t = inputs(3, refs=2)
-    model = apply_model(host, wan_sd, raw, strength=[2.0, 0.5], reference_rope="after")
+    model = apply_model(host, wan_sd, raw, strength=[2.0, 0.5], reference_rope="after", attention_mode=mode)
     ours = forward(model, x, t, ctx)
-    oracle = Oracle(2, T, True, [[math.log(2.0), math.log(0.5)]] * 2, range(2))
+    oracle = Oracle(2, T, mode == "one_way", [[math.log(2.0), math.log(0.5)]] * 2, range(2))
     refs = torch.cat([processed(r) for r in raw], 2).expand(2, -1, -1, -1, -1)
     want = diffusers_run(wan_sd, torch.cat([refs, x], 2), t, ctx, oracle)
     assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
