@@ -170,8 +170,8 @@ def diffusion_wrapper(executor, x, timestep, context, clip_fea, time_dim_concat,
     if inserted:  # CustomVideoXApply on Wan T2V: the references' K/V (one-way) or leading frames (two-way)
         backbone.check_call(inserted, x)
         if entries[0].mode == "one_way":
-            kv = stream.one_way_kv(executor.class_obj, entries, inserted, x, timestep, context, transformer_options,
-                                   _cond_row(transformer_options.get("cond_or_uncond") or [], x.shape[0]))
+            kv = partial(stream.one_way_kv, executor.class_obj, entries, inserted, x, timestep, context,
+                         transformer_options, _cond_row(transformer_options.get("cond_or_uncond") or [], x.shape[0]))
             return _biased_call(executor, entries, backbone, x, 0, timestep, context, clip_fea, time_dim_concat,
                                 transformer_options, layout=stream.one_way_layout(x, len(inserted)), ref_kv=kv,
                                 **kwargs)
@@ -189,9 +189,11 @@ def _cond_row(cond_or_uncond: list[int], batch: int) -> int:
 
 
 def _biased_call(executor, entries: list[FramesEntry], backbone: Wan, x, leading: int, timestep, context, clip_fea,
-                 time_dim_concat, transformer_options: dict, layout: TokenLayout | None = None, ref_kv=None,
-                 **kwargs):
-    layout = layout or backbone.frames_layout(x, time_dim_concat, leading, NODE)
+                 time_dim_concat, transformer_options: dict, layout: TokenLayout | None = None,
+                 ref_kv: Callable[[], list] | None = None, **kwargs):
+    """``layout``/``ref_kv``: one-way inserted references, their layout and a call giving their per-block K/V."""
+    if layout is None:
+        layout = backbone.frames_layout(x, time_dim_concat, leading, NODE)
     progress = call_progress(transformer_options)
     cond_or_uncond = transformer_options.get("cond_or_uncond") or []
     batch = x.shape[0]
@@ -207,6 +209,11 @@ def _biased_call(executor, entries: list[FramesEntry], backbone: Wan, x, leading
     if (all(not bool((b != 0).any()) for b in entry_bias) and all(b is None for b in (*entry_off, *entry_background))
             and not any(region_on)):
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
+    if ref_kv is not None:
+        # One-way references off for every row (and so in every block): the plain model, without their pass.
+        if all(bool(torch.isneginf(b).all()) for b in entry_bias):
+            return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
+        ref_kv = ref_kv()
     state = FramesState(entries=entries, layout=layout, entry_bias=entry_bias, entry_off=entry_off,
                         entry_background=entry_background,
                         entry_rows=[torch.tensor(r, dtype=torch.float32, device=x.device) for r in rows],

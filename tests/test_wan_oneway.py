@@ -190,6 +190,22 @@ def test_reference_rope_slot_equals_the_oracle_at_hand_built_positions(host, wan
         assert (rope == "shift") == bool(torch.allclose(ours, moved, atol=ATOL))
 
 
+def test_one_way_off_for_every_row_is_the_plain_model_without_the_reference_pass(host, wan_sd, monkeypatch):
+    """Strength 0 (or TAB off at this step): the reference's own pass is not run, the output is the plain model's."""
+    stream = host.pack("cvx_host.wan_reference_stream")
+    runs = []
+    real = stream.reference_stream_kv
+    monkeypatch.setattr(stream, "reference_stream_kv", lambda *a: runs.append(1) or real(*a))
+    x, raw, ctx, t = inputs(9)
+    import comfy.sd
+
+    plain = forward(comfy.sd.load_diffusion_model_state_dict(dict(wan_sd)), x, t, ctx)
+    off = forward(apply_model(host, wan_sd, raw, strength=0.0), x, t, ctx)
+    assert torch.equal(off, plain) and runs == []
+    on = forward(apply_model(host, wan_sd, raw, strength=1.0), x, t, ctx)
+    assert runs == [1] and (on - plain).abs().max() > 1e-2
+
+
 def test_one_way_erae_auto_map_from_the_videos_cross_attention_equals_the_oracle(host, wan_sd):
     er = host.pack("cvx_core.entity_region")
     x, raw, ctx, t = inputs(8)
