@@ -32,3 +32,10 @@ def noised_reference(latent: torch.Tensor, sigma: torch.Tensor | float, noise: t
     """
     s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, *([1] * (latent.ndim - 1)))
     return (latent.float() + s * noise.float()) / (1.0 + s * s).sqrt()
+
+
+def flow_noised_reference(latent: torch.Tensor, sigma: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+    """``latent`` noised to ``sigma`` on a rectified-flow model (Wan): ``(1 - σ)·x0 + σ·ε``, the host's
+    ``CONST.noise_scaling`` (the input such a model is fed as is)."""
+    s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, *([1] * (latent.ndim - 1)))
+    return (1.0 - s) * latent.float() + s * noise.float()

@@ -14,7 +14,8 @@ interleaved (cos, sin) pairs. What differs between implementations is the *posit
 Reference token frames get one shared temporal position by ``ref_rope`` (DESIGN.md §1.1,
 [reconstructed]): ``"negative"`` (default: -1, the video keeps 0..T-1, so the video's own
 attention is unchanged), ``"shift"`` (0, the video shifted to 1..T), or ``"none"``
-(reference tokens are not rotated at all).
+(reference tokens are not rotated at all). ``"after"`` (the slot after the video's last frame,
+Phantom's layout) is Wan's only (:func:`wan_reference_slot`); CogVideoX refuses it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from __future__ import annotations
 import torch
 
 SPATIAL_MODES = ("exact", "host")
-REF_ROPE_MODES = ("negative", "shift", "none")
+REF_ROPE_MODES = ("negative", "shift", "none", "after")
+COGVIDEOX_REF_ROPE_MODES = ("negative", "shift", "none")
 
 
 def _axis_table(dim: int, pos: torch.Tensor, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +84,8 @@ def temporal_positions(refs: int, video_frames: int, ref_rope: str = "negative",
     independent. With ``"none"`` the references get position 0 here; :func:`rotary_table`
     then leaves them unrotated.
     """
-    if ref_rope not in REF_ROPE_MODES:
-        raise ValueError(f"reference RoPE mode {ref_rope!r} is not one of {REF_ROPE_MODES}")
+    if ref_rope not in COGVIDEOX_REF_ROPE_MODES:
+        raise ValueError(f"reference RoPE mode {ref_rope!r} is not one of {COGVIDEOX_REF_ROPE_MODES}")
     video = torch.arange(video_frames, dtype=torch.float32, device=device)
     slot = {"negative": -1.0, "shift": 0.0, "none": 0.0}[ref_rope]
     refs_t = torch.full((refs,), slot, dtype=torch.float32, device=device)
@@ -117,3 +119,18 @@ def rotary_table(
         cos[:n] = 1.0
         sin[:n] = 0.0
     return cos, sin
+
+
+def wan_reference_slot(ref_rope: str, video_frames: int) -> float:
+    """The temporal RoPE index every inserted reference shares on Wan, the video keeping 0..T-1.
+
+    Wan's self-attention holds no text and rotates every token, so only the reference's offset to the
+    video matters ([reconstructed]): ``negative`` is one frame before frame 0 (``shift``, the video moved
+    one frame on, is the same offset), ``none`` is frame 0's own index (no temporal offset; the spatial
+    positions are kept, unlike CogVideoX's unrotated reference), ``after`` is the frame after the last one
+    (where Phantom appends its reference frames). A shared slot keeps stacked references independent.
+    """
+    slots = {"negative": -1.0, "shift": -1.0, "none": 0.0, "after": float(video_frames)}
+    if ref_rope not in slots:
+        raise ValueError(f"reference RoPE mode {ref_rope!r} is not one of {REF_ROPE_MODES}")
+    return slots[ref_rope]

@@ -9,6 +9,7 @@ import torch
 
 from ..cvx_core.entity_region import EntityRegion
 from ..cvx_core.reference_timestep import REFERENCE_TIMESTEPS, noised_reference, reference_noise
+from ..cvx_core.rope import COGVIDEOX_REF_ROPE_MODES
 from ..cvx_core.tab_schedule import TABSchedule, reference_bias, strength_to_bias
 from .errors import PatchError
 
@@ -71,6 +72,10 @@ class ReferenceEntry(BiasSettings):
         if self.reference_timestep not in REFERENCE_TIMESTEPS:
             raise PatchError(f"CustomVideoXApply: reference_timestep {self.reference_timestep!r} is not one of "
                              f"{REFERENCE_TIMESTEPS}")
+        if self.ref_rope not in COGVIDEOX_REF_ROPE_MODES:
+            raise PatchError(f"CustomVideoXApply reference_rope: {self.ref_rope!r} on a CogVideoX model: the slot "
+                             f"after the video (Phantom's layout) is built for Wan only; on CogVideoX use one of "
+                             f"{COGVIDEOX_REF_ROPE_MODES}")
         if self.reference_timestep == "clean" and self.mode == "two_way":
             raise PatchError("CustomVideoXApply: reference_timestep 'clean' needs attention_mode 'one_way': in "
                              "two_way the reference tokens share the video's batch row, and AdaLN gives every "
@@ -96,8 +101,9 @@ class ReferenceEntry(BiasSettings):
 SHARED_SETTINGS = (("mode", "attention_mode"), ("ref_rope", "reference_rope"), ("attention_path", "attention_path"))
 
 
-def check_stackable(first: ReferenceEntry, entry: ReferenceEntry) -> None:
-    for field_name, input_name in SHARED_SETTINGS:
+def check_stackable(first: BiasSettings, entry: BiasSettings,
+                    settings: tuple[tuple[str, str], ...] = SHARED_SETTINGS) -> None:
+    for field_name, input_name in settings:
         old, new = getattr(first, field_name), getattr(entry, field_name)
         if old != new:
             raise PatchError(f"CustomVideoXApply {input_name}: this node has {new!r} but the MODEL already has a "

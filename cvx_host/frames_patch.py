@@ -31,17 +31,25 @@ from functools import partial
 
 import comfy.patcher_extension as pe
 import torch
+from comfy.model_sampling import CONST
 
 from ..cvx_core.entity_region import EntityRegion, entity_attention, mask_to_token_map
 from ..cvx_core.frame_layout import FrameLayout, background_column_bias, row_biases, subject_tokens
 from ..cvx_core.reference_attention import column_bias, reference_attention
+from ..cvx_core.reference_timestep import REFERENCE_TIMESTEPS
+from ..cvx_core.rope import REF_ROPE_MODES
 from ..cvx_core.tab_schedule import TABSchedule
+from ..cvx_core.token_layout import TokenLayout
 from . import options
-from .entries import BiasSettings, check_blocks
+from . import wan_reference_stream as stream
+from .entries import MODES, BiasSettings, check_blocks, check_stackable
 from .errors import PatchError
 from .progress import call_progress
 from .run_cache import AutoMaps, estimate_with_extra_frames, install_run_cache, positive_maps
-from .wan import CallOrder, Wan, check_self_call, to_heads
+from .wan import CallOrder, Wan, check_self_call, is_vace, to_heads
+
+# What every CustomVideoXApply on one Wan model shares: one attention layout and one RoPE table per call.
+WAN_SHARED_SETTINGS = (("mode", "attention_mode"), ("ref_rope", "reference_rope"))
 
 NODE = "CustomVideoXReferenceFramesBias"
 
@@ -57,6 +65,10 @@ class FramesEntry(BiasSettings):
     # ones; "unbiased" (uncond with apply_to_uncond off, blocks outside the range) means off (-inf) for
     # them, not the model's own attention. None: the model's own frames (Phantom/VACE), all of them.
     frames: tuple[int, int] | None = None
+    # An inserted reference's attention_mode, reference_rope and reference_timestep (wan_reference_stream).
+    mode: str = "two_way"
+    ref_rope: str = "negative"
+    reference_timestep: str = "sampling"
 
     def columns(self, n_refs: int) -> list[bool]:
         """Which of the call's reference frames this entry biases."""
@@ -75,7 +87,7 @@ class FramesState:
     """What one model call needs, built by the wrapper and read by every attention call."""
 
     entries: list[FramesEntry]
-    layout: FrameLayout
+    layout: TokenLayout  # a FrameLayout, or one-way inserted references' (keys only)
     entry_bias: list[torch.Tensor]  # per entry: [B, n_refs]
     entry_off: list[torch.Tensor | None]  # per entry: [B, n_refs] in blocks outside its range (None = 0)
     entry_background: list[torch.Tensor | None]  # per entry: [B, keys] background column bias, or None
@@ -87,6 +99,7 @@ class FramesState:
     order: CallOrder = field(default_factory=CallOrder)
     region_maps: dict[int, torch.Tensor] = field(default_factory=dict)  # entry -> [B, Sv]
     cache: dict = field(default_factory=dict)  # (kind, active entries) -> mask / region bias
+    ref_kv: list | None = None  # one-way inserted references: per block, their cached (K, V)
 
     def active(self, block: int) -> tuple[bool, ...]:
         return tuple(e.in_range(block, self.num_blocks) for e in self.entries)
@@ -159,20 +172,33 @@ def diffusion_wrapper(executor, x, timestep, context, clip_fea, time_dim_concat,
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
     backbone = Wan(executor.class_obj)
     inserted = transformer_options.get(options.INSERTED_FRAMES_KEY) or []
-    if inserted:  # CustomVideoXApply on Wan T2V: the references go in as leading frames, then off the output
+    if inserted:  # CustomVideoXApply on Wan T2V: the references' K/V (one-way) or leading frames (two-way)
         backbone.check_call(inserted, x)
-        refs = [r.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1, -1) for r in inserted]
-        n_in = sum(r.shape[2] for r in refs)
-        out = _biased_call(executor, entries, backbone, torch.cat([*refs, x], dim=2), n_in, timestep, context,
-                           clip_fea, time_dim_concat, transformer_options, **kwargs)
-        return out[:, :, n_in:]
+        if entries[0].mode == "one_way":
+            kv = partial(stream.one_way_kv, executor.class_obj, entries, inserted, x, timestep, context,
+                         transformer_options, _cond_row(transformer_options.get("cond_or_uncond") or [], x.shape[0]))
+            return _biased_call(executor, entries, backbone, x, 0, timestep, context, clip_fea, time_dim_concat,
+                                transformer_options, layout=stream.one_way_layout(x, len(inserted)), ref_kv=kv,
+                                **kwargs)
+        refs = stream.two_way_inputs(entries, inserted, x, transformer_options)
+        out = _biased_call(executor, entries, backbone, torch.cat([*refs, x], dim=2), len(refs), timestep, context,
+                           clip_fea, time_dim_concat, stream.with_rope(transformer_options, len(refs),
+                                                                       entries[0].ref_rope), **kwargs)
+        return out[:, :, len(refs):]
     return _biased_call(executor, entries, backbone, x, entries[0].leading_frames, timestep, context, clip_fea,
                         time_dim_concat, transformer_options, **kwargs)
 
 
+def _cond_row(cond_or_uncond: list[int], batch: int) -> int:
+    return cond_or_uncond.index(0) * (batch // len(cond_or_uncond)) if 0 in cond_or_uncond else 0
+
+
 def _biased_call(executor, entries: list[FramesEntry], backbone: Wan, x, leading: int, timestep, context, clip_fea,
-                 time_dim_concat, transformer_options: dict, **kwargs):
-    layout = backbone.frames_layout(x, time_dim_concat, leading, NODE)
+                 time_dim_concat, transformer_options: dict, layout: TokenLayout | None = None,
+                 ref_kv: Callable[[], list] | None = None, **kwargs):
+    """``layout``/``ref_kv``: one-way inserted references, their layout and a call giving their per-block K/V."""
+    if layout is None:
+        layout = backbone.frames_layout(x, time_dim_concat, leading, NODE)
     progress = call_progress(transformer_options)
     cond_or_uncond = transformer_options.get("cond_or_uncond") or []
     batch = x.shape[0]
@@ -188,6 +214,11 @@ def _biased_call(executor, entries: list[FramesEntry], backbone: Wan, x, leading
     if (all(not bool((b != 0).any()) for b in entry_bias) and all(b is None for b in (*entry_off, *entry_background))
             and not any(region_on)):
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
+    if ref_kv is not None:
+        # One-way references off for every row (and so in every block): the plain model, without their pass.
+        if all(bool(torch.isneginf(b).all()) for b in entry_bias):
+            return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
+        ref_kv = ref_kv()
     per = batch // len(cond_or_uncond) if cond_or_uncond else batch
     cond_row = cond_or_uncond.index(0) * per if 0 in cond_or_uncond else 0
     auto = {i: e.region for i, e in enumerate(entries) if region_on[i] and e.region.mode == "auto"}
@@ -196,7 +227,8 @@ def _biased_call(executor, entries: list[FramesEntry], backbone: Wan, x, leading
                         entry_rows=[torch.tensor(r, dtype=torch.float32, device=x.device) for r in rows],
                         num_blocks=backbone.num_blocks, backbone=backbone, region_on=region_on,
                         maps=AutoMaps(auto, layout.grid, slice(cond_row, cond_row + per),
-                                      probe=options.is_map_probe(transformer_options)))
+                                      probe=options.is_map_probe(transformer_options)),
+                        ref_kv=ref_kv)
     for i, e in enumerate(entries):
         r = e.region
         if r is not None and r.mode == "mask" and state.region_on[i]:
@@ -216,8 +248,10 @@ def _biased_call(executor, entries: list[FramesEntry], backbone: Wan, x, leading
                 # The cond rows' inputs: the positive prompt, and the positive's own extra inputs (Phantom's
                 # frames are zeros in WanPhantomSubjectToVideo's negative_img_text, the images in the positive).
                 pos = cache.positive_inputs(per, x)
+                kv = state.ref_kv  # one-way references: their K/V come from the positive prompt already
                 _biased_call(executor, entries, backbone, x[rows], leading, timestep[rows], text.expand(per, -1, -1),
-                             pos.pop("clip_fea", None), pos.pop("time_dim_concat", None), opts, **{**kwargs, **pos})
+                             pos.pop("clip_fea", None), pos.pop("time_dim_concat", None), opts, layout=layout,
+                             ref_kv=None if kv is None else (lambda: kv), **{**kwargs, **pos})
 
             need = [i for i in auto if bool(state.entry_rows[i].any())]
             maps = positive_maps(cache, x, timestep, transformer_options, need, probe) if need else {}
@@ -251,7 +285,7 @@ class FramesAttentionOverride:
         check_self_call(q, k, state.layout, block, NODE)
         mask = state.mask(active, q.dtype)
         region = state.region(block, active)
-        if mask is None and region is None:
+        if mask is None and region is None and state.ref_kv is None:
             return call(*args, **kwargs)  # the model's own attention, untouched
         if kwargs.get("mask") is not None:
             raise ValueError(f"{NODE}: another patch passes an attention mask to Wan's self-attention; "
@@ -264,7 +298,8 @@ class FramesAttentionOverride:
             return call(q_, k_, v_, heads, *rest, mask=mask_, skip_reshape=True, skip_output_reshape=True, **kwargs)
 
         q4, k4, v4 = (to_heads(t, heads) for t in (q, k, v))
-        out = reference_attention(q4, k4, v4, state.layout, state.bias(active), region, attn=attn, mask=mask)
+        ref_kv = None if state.ref_kv is None else state.ref_kv[block]
+        out = reference_attention(q4, k4, v4, state.layout, state.bias(active), region, ref_kv, attn=attn, mask=mask)
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
 
     @staticmethod
@@ -314,11 +349,14 @@ def apply_inserted_reference(model, latent: torch.Tensor, entry: FramesEntry, no
     if any(e.frames is None for e in entries):
         raise PatchError(f"{node} model: this MODEL is already patched by {NODE} (Phantom/VACE reference frames); "
                          f"put CustomVideoXApply on a plain Wan text-to-video model instead")
+    if entries:
+        check_stackable(entries[0], entry, WAN_SHARED_SETTINGS)
     inserted = list(to.get(options.INSERTED_FRAMES_KEY) or [])
     start = len(inserted)
     to[options.INSERTED_FRAMES_KEY] = inserted + [latent[i:i + 1] for i in range(latent.shape[0])]
     to[options.FRAMES_ENTRIES_KEY] = entries + [replace(entry, frames=(start, start + latent.shape[0]))]
     _install(m)
+    stream.install_rope(m)
     return m
 
 
@@ -343,24 +381,37 @@ def apply_wan_reference(model, latent: torch.Tensor, *, strength: float, schedul
                         region: EntityRegion | None, block_start: int, block_end: int, apply_to_uncond: bool,
                         attention_mode: str, reference_rope: str, bias_rows: str, reference_timestep: str,
                         attention_path: str, node: str = "CustomVideoXApply"):
-    """CustomVideoXApply on a Wan text-to-video MODEL: the encoded reference inserted as leading frames of the
-    video's self-attention (Wan has no text there, so only relative positions matter: in front of the video
-    is the reference at temporal index -1, i.e. ``negative``, and ``shift`` is the same), biased like
+    """CustomVideoXApply on a Wan text-to-video MODEL: the encoded reference joins the video's self-attention
+    (Wan has no text there): two-way as leading frames of every call, one-way as cached key columns from its
+    own stream (:mod:`.wan_reference_stream`), at the temporal slot ``reference_rope`` names; biased like
     Phantom's and VACE's frames. Settings Wan cannot honour yet are errors naming the input."""
     wan = Wan.for_model(model, node)
     unsupported = {
-        "attention_mode": (attention_mode, "two_way", "one-way (cached) references are not built for Wan yet"),
-        "reference_timestep": (reference_timestep, "sampling", "only 'sampling' is built for Wan yet"),
         "bias_rows": (bias_rows, "all", "'video' is not built for Wan yet"),
         "attention_path": (attention_path, "mask", "the fused 'lse' path is not built for Wan yet"),
     }
     for name, (value, ok, why) in unsupported.items():
         if value != ok:
             raise PatchError(f"{node} {name}: {value!r} on a Wan model: {why}; use {ok!r}")
-    if reference_rope == "none":
-        raise PatchError(f"{node} reference_rope: 'none' on a Wan model: Wan's self-attention rotates every token; "
-                         f"use 'negative' (the reference before the video; 'shift' is the same on Wan)")
+    choices = {"attention_mode": (attention_mode, MODES), "reference_rope": (reference_rope, REF_ROPE_MODES),
+               "reference_timestep": (reference_timestep, REFERENCE_TIMESTEPS)}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise PatchError(f"{node} {name}: {value!r} is not one of {allowed}")
+    if reference_timestep == "clean" and attention_mode == "two_way":
+        raise PatchError(f"{node} reference_timestep: 'clean' needs attention_mode 'one_way': in two_way the "
+                         f"reference frames share the video's batch row, and Wan modulates every token of a row "
+                         f"with the sampling timestep; choose one_way, or reference_timestep 'sampling' or 'noised'")
+    if reference_timestep == "noised" and not isinstance(model.get_model_object("model_sampling"), CONST):
+        raise PatchError(f"{node} reference_timestep: 'noised' noises the reference as a rectified-flow model "
+                         f"(Wan's own sampling); this MODEL's sampling is "
+                         f"{type(model.get_model_object('model_sampling')).__name__}: remove the sampling node "
+                         f"that changed it, or choose 'sampling'")
+    if attention_mode == "one_way" and is_vace(wan.dm):
+        raise PatchError(f"{node} attention_mode: 'one_way' on a Wan VACE model is not built (its VACE blocks "
+                         f"attend over the video too); use 'two_way', or a plain Wan text-to-video model")
     entry = FramesEntry(strength=strength, schedule=schedule, region=region, block_start=block_start,
-                        block_end=block_end, apply_to_uncond=apply_to_uncond)
+                        block_end=block_end, apply_to_uncond=apply_to_uncond, mode=attention_mode,
+                        ref_rope=reference_rope, reference_timestep=reference_timestep)
     check_blocks(wan.num_blocks, entry, node)
     return apply_inserted_reference(model, wan.prepare_reference(model, latent, node), entry, node)

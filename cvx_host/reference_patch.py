@@ -20,6 +20,8 @@ installed once.
 
 from __future__ import annotations
 
+from functools import partial
+
 import comfy.patcher_extension as pe
 import torch
 
@@ -33,7 +35,15 @@ from .errors import PatchError
 from .forward_state import ForwardState
 from .forward_state import row_bias as build_row_bias
 from .progress import call_progress, call_sigmas
-from .run_cache import AutoMaps, estimate_with_extra_frames, install_run_cache, positive_maps, select_rows
+from .run_cache import (
+    AutoMaps,
+    cached_stream,
+    estimate_with_extra_frames,
+    install_run_cache,
+    positive_maps,
+    select_rows,
+    stream_text,
+)
 
 
 def _mask_maps(entries: list[ReferenceEntry], grid: tuple[int, int, int], latent_frames: int, batch: int,
@@ -144,13 +154,7 @@ def _split_rows(executor, off: torch.Tensor, x, timestep, context, ofs, transfor
 
 def _one_way_kv(backbone: CogVideoX, entries: list[ReferenceEntry], context, transformer_options: dict, ofs, x,
                 timestep, cond_row: int):
-    cache = options.run_cache(transformer_options)
-    run = cache.kv if cache is not None else None
-    # The reference pass reads the positive prompt, whichever rows this call holds (the host may run
-    # cond and uncond in one batch or apart); outside a sampler, the call's cond row.
-    text = cache.positive(context) if cache is not None else None
-    if text is None:
-        text = context[cond_row:cond_row + 1]
+    text = stream_text(transformer_options, context, cond_row)
     out = []
     for e in entries:
         # clean: one pass per run. sampling / noised: the pass depends on the call's timestep (and sigma),
@@ -163,17 +167,9 @@ def _one_way_kv(backbone: CogVideoX, entries: list[ReferenceEntry], context, tra
                 sigma = call_sigmas(transformer_options, x.shape[0])[cond_row:cond_row + 1]
                 latent = noised_reference(e.latent, sigma, reference_noise(e.latent.shape))
                 when += (float(sigma),)
-        # The sampler rebuilds the conditioning batch every step: compare the text by value.
-        key = (id(e), x.device, x.dtype)
-        hit = run.get(key) if run is not None else None
-        if hit is not None and hit[1] == when and hit[0].shape == text.shape and torch.equal(hit[0], text):
-            kv = hit[2]
-        else:
-            kv = backbone.reference_stream(latent.to(x.device, x.dtype), text, e.ref_rope, ofs,
-                                           transformer_options, t_ref)
-            if run is not None:
-                run[key] = (text.clone(), when, kv)
-        out.append(kv)
+        out.append(cached_stream(transformer_options, (id(e), x.device, x.dtype), text, when,
+                                 partial(backbone.reference_stream, latent.to(x.device, x.dtype), text, e.ref_rope,
+                                         ofs, transformer_options, t_ref)))
     # Per block: one (k, v) per reference, in entry order.
     return [[(k[:, :, j * r:(j + 1) * r], v[:, :, j * r:(j + 1) * r])
              for e, blocks in zip(entries, out) for k, v in [blocks[b]]

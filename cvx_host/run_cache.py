@@ -158,6 +158,30 @@ def positive_maps(cache: RunCache, x: torch.Tensor, timestep: torch.Tensor, tran
     return {e_i: torch.cat(p) for e_i, p in parts.items()}
 
 
+def stream_text(transformer_options: dict, context: torch.Tensor, cond_row: int) -> torch.Tensor:
+    """The text a one-way reference pass reads: the run's positive prompt, whichever rows this call holds (the
+    host may run cond and uncond in one batch or apart); outside a sampler, the call's cond row."""
+    cache = options.run_cache(transformer_options)
+    text = cache.positive(context) if cache is not None else None
+    return context[cond_row:cond_row + 1] if text is None else text
+
+
+def cached_stream(transformer_options: dict, key: tuple, text: torch.Tensor, when: tuple | None,
+                  compute: Callable[[], object]):
+    """A one-way reference pass's per-block K/V: the run's cached one for ``key`` if it was computed from the
+    same ``text`` at the same ``when`` (None: any step, i.e. clean), else ``compute()`` (kept for the run)."""
+    cache = options.run_cache(transformer_options)
+    run = cache.kv if cache is not None else None
+    hit = run.get(key) if run is not None else None
+    # The sampler rebuilds the conditioning batch every step: compare the text by value.
+    if hit is not None and hit[1] == when and hit[0].shape == text.shape and torch.equal(hit[0], text):
+        return hit[2]
+    kv = compute()
+    if run is not None:
+        run[key] = (text.clone(), when, kv)
+    return kv
+
+
 def positive_text(guider) -> torch.Tensor | None:
     positive = (getattr(guider, "conds", None) or {}).get("positive") or []
     text = positive[0].get("cross_attn") if positive else None

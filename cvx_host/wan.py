@@ -21,6 +21,7 @@ import torch
 from comfy.ldm.wan.model import VaceWanModel, WanModel, WanT2VCrossAttention
 
 from ..cvx_core.frame_layout import FrameLayout, frame_layout
+from ..cvx_core.token_layout import TokenLayout
 from .backbone import first_frame_in_latent_format, register
 from .errors import PatchError
 
@@ -91,8 +92,10 @@ class CallOrder:
         return block, n % 2 == 0, n // 2
 
 
-def check_self_call(q: torch.Tensor, k: torch.Tensor, layout: FrameLayout, block: int, node: str) -> None:
-    if q.shape[1] != layout.queries or k.shape[1] != layout.keys:
+def check_self_call(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, block: int, node: str) -> None:
+    # One-way references are keys only, and joined to the call's keys by the patch: the call has the queries'.
+    keys = layout.keys if layout.refs_in_queries else layout.queries
+    if q.shape[1] != layout.queries or k.shape[1] != keys:
         raise PatchError(f"{node}: block {block}'s self-attention has {q.shape[1]} queries / {k.shape[1]} keys, "
                          f"expected {layout.queries} (video and reference frames); another patch may be calling "
                          f"attention inside the Wan blocks")
@@ -107,8 +110,8 @@ def to_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 @register
 class Wan:
     """The Wan implementation of :class:`.backbone.CarriesReferenceFrames` (Phantom's and VACE's frames).
-    Inserting a reference into plain Wan T2V (:class:`.backbone.InsertsReferences`) is not built yet:
-    CustomVideoXApply on a Wan model is a clear error naming the node to use instead."""
+    CustomVideoXApply on Wan T2V inserts references through the same frames patch (:mod:`.frames_patch`,
+    :mod:`.wan_reference_stream`), not through :class:`.backbone.InsertsReferences`."""
 
     family = "Wan"
 

@@ -24,8 +24,8 @@ class CustomVideoXApply(io.ComfyNode):
             display_name="CustomVideoX Apply Reference",
             category=CATEGORY,
             description="Adds the reference to the model's 3D attention: CogVideoX (joint text+video attention) or Wan "
-                        "2.1 text-to-video (the video's self-attention; two_way only) (a patched copy of the MODEL; "
-                        "the input MODEL is unchanged). Chain several for several references.",
+                        "2.1 text-to-video (the video's self-attention), two-way or one-way (a patched copy of the "
+                        "MODEL; the input MODEL is unchanged). Chain several for several references.",
             inputs=[
                 io.Model.Input("model", tooltip="A text-to-video CogVideoX (1.0/1.5) or Wan 2.1 text-to-video MODEL. For Wan "
                                                 "Phantom/VACE graphs use CustomVideoXReferenceFramesBias."),
@@ -46,12 +46,14 @@ class CustomVideoXApply(io.ComfyNode):
                                          "towards the reference more strongly."),
                 io.Combo.Input("attention_mode", options=list(MODES), default="two_way",
                                tooltip="two_way: reference tokens also attend to the video (the paper's joint "
-                                       "3D attention); one_way: the reference attends to itself and the text only, "
-                                       "in its own short pass (once per run with reference_timestep 'clean', "
-                                       "else once per step)."),
+                                       "3D attention); one_way: the reference attends to itself (and the text) only, "
+                                       "in its own short pass whose keys the video reads (once per run with "
+                                       "reference_timestep 'clean', else once per step). Wan VACE: two_way only."),
                 io.Combo.Input("reference_rope", options=list(REF_ROPE_MODES), default="negative",
                                tooltip="Temporal RoPE position of the reference: negative (before frame 0; keeps "
-                                       "the video's own positions), shift (frame 0, video shifted), none.",
+                                       "the video's own positions), shift (frame 0, video shifted; on Wan the same "
+                                       "as negative), none (CogVideoX: unrotated; Wan: frame 0's index), after (Wan "
+                                       "only: after the last frame, where Phantom puts its references).",
                                advanced=True),
                 io.Combo.Input("bias_rows", options=list(BIAS_ROWS), default="all", optional=True, advanced=True,
                                tooltip="Which queries the strength/TAB bias reaches on the reference's keys: all "
@@ -63,7 +65,8 @@ class CustomVideoXApply(io.ComfyNode):
                                        "reference at the current sampling timestep (what adapters are trained "
                                        "with); noised: the reference noised to the current noise level with a "
                                        "fixed seed, like one more video frame ('reference-only', worth trying "
-                                       "without an adapter); clean: timestep 0, one_way only.",
+                                       "without an adapter); clean: timestep 0, one_way only (then computed once "
+                                       "per run).",
                                advanced=True),
                 io.Combo.Input("attention_path", options=list(ATTENTION_PATHS), default="mask", optional=True,
                                advanced=True,

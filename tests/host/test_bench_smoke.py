@@ -82,3 +82,19 @@ def test_gpu_check_smoke_runs_the_table_on_any_device(mode: str) -> None:
         assert row in out, f"row {row!r} missing:\n{out}"
     diffs = [float(d) for d in re.findall(r"^LSE merge \(TAB(?:\+ERAE)?\)\s+.*\s(\S+e[-+]\d+)$", out, re.M)]
     assert len(diffs) == 2 and max(diffs) < 1e-4, out
+
+
+def test_wan_rope_slots_smoke_known_answers() -> None:
+    """Known answers of relative RoPE: a reference at a frame's own index gets the factor 1 there ('none' at frame
+    0, 'middle' at its frame); 'after' is 'negative' mirrored in time; 'shift' is 'negative' on Wan."""
+    out = ok(run_bench("wan_rope_slots.py", "--smoke"))
+    assert "smoke (tiny, not a measurement)" in out and "head dim 128" in out, out
+    table = out.split("F per video frame:")[1]
+    f = {name: [float(v) for v in re.findall(r"\d\.\d+", rest)]
+         for name, rest in re.findall(r"^(negative|shift|none|after|middle) (?:\(not an option\))?(.*)$", table, re.M)}
+    assert set(f) == {"negative", "shift", "none", "after", "middle"} and all(len(v) == 5 for v in f.values()), out
+    assert f["none"][0] == 1.0 and f["middle"][2] == 1.0 and max(f["negative"]) < 1.0, out
+    assert f["after"] == f["negative"][::-1] and f["shift"] == f["negative"], out
+    errs = [float(e) for e in re.findall(r"\s(\d\.\de[-+]\d+)$", out.split("F per video frame:")[0], re.M)]
+    assert len(errs) == 5 and max(errs) < 0.1, out  # the Monte Carlo mean agrees with the exact factor
+    assert "SUMMARY spread" in out, out

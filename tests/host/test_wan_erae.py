@@ -50,8 +50,9 @@ def _patched(host, kind: str, region, layers: int):
     from customvideox.nodes import types as types
     ref = types.EncodedReference(latent=torch.randn(1, 16, 1, H, W, generator=torch.Generator().manual_seed(8)),
                                  width=W * 8, height=H * 8, family="Wan2.1")
+    mode = "one_way" if kind == "inserted_one_way" else "two_way"
     return host.node_classes["CustomVideoXApply"].execute(model=model, reference=ref, strength=1.5,
-                                                          attention_mode="two_way", reference_rope="negative",
+                                                          attention_mode=mode, reference_rope="negative",
                                                           **common).result[0]
 
 
@@ -79,7 +80,8 @@ def _sample(model, kind: str, steps: int = 3):
 
 
 @pytest.mark.parametrize("order", ["uncond_first", "cond_first"])
-@pytest.mark.parametrize("kind,map_blocks", [("phantom", 1), ("phantom", 2), ("vace", 1), ("inserted", 1)])
+@pytest.mark.parametrize("kind,map_blocks", [("phantom", 1), ("phantom", 2), ("vace", 1), ("inserted", 1),
+                                             ("inserted_one_way", 1)])
 def test_uncond_alone_equals_uncond_batched_with_cond(host, kind, map_blocks, order):
     # VACE adds its hints after block 0, so the map is read at block 1 there, where they count.
     map_block = int(kind == "vace")
@@ -188,7 +190,8 @@ def _stacked(host, sd, raws: list[torch.Tensor], settings: list[dict]):
 
 def test_two_stacked_references_each_get_their_own_biases_like_the_dense_oracle(host):
     """Reference A: strength 2, off for uncond. Reference B: strength 0.6 from block 1 (off in block 0), an
-    ERAE mask with λ 1.5. Diffusers fed [A | B | video] with that bias written out per column block."""
+    ERAE mask with λ 1.5. Diffusers fed [A | B | video] with that bias written out per column block, both references at
+    temporal index -1 (they share one slot)."""
     import comfy.latent_formats
     import comfy.model_management
     from customvideox.cvx_core import entity_region as er
@@ -210,12 +213,13 @@ def test_two_stacked_references_each_get_their_own_biases_like_the_dense_oracle(
     spec = TwoReferences(video + 2 * HW, slice(2 * HW, None), [
         (slice(0, HW), [math.log(2.0), -math.inf], range(2), None),
         (slice(HW, 2 * HW), [math.log(0.6)] * 2, range(1, 2), region_map)], lam=1.5)
-    want = diffusers_run(sd, torch.cat([a, b, x], 2), t, ctx, spec)[:, :, 2:]
+    shared_slot = [-1, -1, *range(T)]  # every reference at one temporal slot, before the video
+    want = diffusers_run(sd, torch.cat([a, b, x], 2), t, ctx, spec, frame_index=shared_slot)[:, :, 2:]
     assert ours.shape == x.shape
     print(f"two stacked references vs oracle: max |diff| = {float((ours - want).abs().max()):.2e}")
     assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
     # The columns are told apart: the same biases on swapped references give another output.
-    swapped = diffusers_run(sd, torch.cat([b, a, x], 2), t, ctx, spec)[:, :, 2:]
+    swapped = diffusers_run(sd, torch.cat([b, a, x], 2), t, ctx, spec, frame_index=shared_slot)[:, :, 2:]
     assert (swapped - want).abs().max() > 1e-2
 
 

@@ -100,9 +100,33 @@ class DenseBiasProcessor:
         self.spec.region_map = m[None].expand(logits.shape[0], -1)
 
 
+def rope_at_frames(peer, frame_index: list[int]):
+    """A ``peer.rope.forward`` that gives latent frame i the temporal index ``frame_index[i]`` (diffusers'
+    own frequency tables; indices shifted to start at 0: RoPE in self-attention is relative)."""
+    shift = -min(0, min(frame_index))
+    t = torch.tensor(frame_index) + shift
+
+    def forward(hidden_states: torch.Tensor):
+        _, _, f, h, w = hidden_states.shape
+        assert f == len(frame_index)
+        ph, pw = h // 2, w // 2
+        dims = [peer.rope.t_dim, peer.rope.h_dim, peer.rope.w_dim]
+        out = []
+        for table in (peer.rope.freqs_cos, peer.rope.freqs_sin):
+            tf, th, tw_ = table.split(dims, dim=1)
+            parts = [tf[t].view(f, 1, 1, -1).expand(f, ph, pw, -1), th[:ph].view(1, ph, 1, -1).expand(f, ph, pw, -1),
+                     tw_[:pw].view(1, 1, pw, -1).expand(f, ph, pw, -1)]
+            out.append(torch.cat(parts, dim=-1).reshape(1, f * ph * pw, 1, -1))
+        return tuple(out)
+    return forward
+
+
 def diffusers_run(sd: dict, latent: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, spec: Spec,
-                  **config: int) -> torch.Tensor:
+                  frame_index: list[int] | None = None, **config: int) -> torch.Tensor:
+    """``frame_index``: the temporal RoPE index of each latent frame (default 0, 1, 2, ...)."""
     peer = tw.build_diffusers_wan(sd, **config)
+    if frame_index is not None:
+        peer.rope.forward = rope_at_frames(peer, frame_index)
     for i, block in enumerate(peer.blocks):
         block.attn1.set_processor(DenseBiasProcessor(i, spec))
         block.attn2.set_processor(DenseBiasProcessor(i, spec))
@@ -426,9 +450,7 @@ def test_apply_on_wan_t2v_with_the_reference_off_is_the_unpatched_model(host, wa
     assert (on - plain).abs().max() > 1e-2  # the reference is really in the attention at strength 1
 
 
-@pytest.mark.parametrize("setting,value", [("attention_mode", "one_way"), ("reference_rope", "none"),
-                                           ("reference_timestep", "noised"), ("bias_rows", "video"),
-                                           ("attention_path", "lse")])
+@pytest.mark.parametrize("setting,value", [("bias_rows", "video"), ("attention_path", "lse")])
 def test_apply_on_wan_refuses_settings_it_cannot_honour(host, wan_sd, setting, value):
     x, ref, ctx, t = inputs(13, refs=1, leading=True)
     with pytest.raises(ValueError, match=f"CustomVideoXApply {setting}: '{value}' on a Wan model"):
