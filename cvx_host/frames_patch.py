@@ -37,7 +37,7 @@ from .entries import BiasSettings, check_blocks
 from .errors import PatchError
 from .progress import call_progress
 from .run_cache import estimate_with_extra_frames, install_run_cache
-from .wan import CallOrder, Wan, check_self_call, to_heads
+from .wan import CallOrder, Wan, check_self_call, timestep_with_references, to_heads
 
 NODE = "CustomVideoXReferenceFramesBias"
 
@@ -158,6 +158,7 @@ def diffusion_wrapper(executor, x, timestep, context, clip_fea, time_dim_concat,
         backbone.check_call(inserted, x)
         refs = [r.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1, -1) for r in inserted]
         n_in = sum(r.shape[2] for r in refs)
+        timestep = timestep_with_references(timestep, n_in, x.shape[2], "CustomVideoXApply")
         out = _biased_call(executor, entries, backbone, torch.cat([*refs, x], dim=2), n_in, timestep, context,
                            clip_fea, time_dim_concat, transformer_options, **kwargs)
         return out[:, :, n_in:]
