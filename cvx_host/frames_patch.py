@@ -154,6 +154,10 @@ def diffusion_wrapper(executor, x, timestep, context, clip_fea, time_dim_concat,
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
     backbone = Wan(executor.class_obj)
     inserted = transformer_options.get(options.INSERTED_FRAMES_KEY) or []
+    if kwargs.get("context_latents") is not None:  # more tokens after the video: the layout would be wrong
+        raise PatchError(f"{'CustomVideoXApply' if inserted else NODE} model: the conditioning carries in-context "
+                         f"reference latents (BerniniConditioning), which the pack does not handle yet: sample this "
+                         f"MODEL without the CustomVideoX node, or build the conditioning without them")
     if inserted:  # CustomVideoXApply on Wan T2V: the references go in as leading frames, then off the output
         backbone.check_call(inserted, x)
         refs = [r.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1, -1) for r in inserted]

@@ -18,6 +18,7 @@ import re
 import pytest
 import tiny_wan as tw
 import torch
+from test_reference_encode import wan22_vae  # noqa: F401  (fixture: the host's Wan 2.2 VAE, narrowed)
 from test_wan_oracle import ATOL, HW, DenseBiasProcessor, H, InsertedSpec, Spec, T, W
 from tiny_models import save_safetensors
 
@@ -57,14 +58,14 @@ def apply(host, model, reference, **kw):
     return host.node_classes[APPLY].execute(model=model, reference=reference, **{**APPLY_ARGS, **kw}).result[0]
 
 
-def forward(model, x, t, ctx, tdc=None, opts=None) -> torch.Tensor:
+def forward(model, x, t, ctx, tdc=None, opts=None, **kwargs) -> torch.Tensor:
     """One call of the model's DiT with the patcher's wrappers and options, at timestep(s) ``t``."""
     import comfy.model_management
 
     comfy.model_management.load_models_gpu([model])
     to = dict(model.model_options["transformer_options"], wrappers=model.wrappers, **(opts or {}))
     with torch.no_grad():
-        return model.model.diffusion_model(x, t, ctx, time_dim_concat=tdc, transformer_options=to)
+        return model.model.diffusion_model(x, t, ctx, time_dim_concat=tdc, transformer_options=to, **kwargs)
 
 
 def denoise(model, x, sigma: float, ctx, tdc=None) -> torch.Tensor:
@@ -144,6 +145,35 @@ def test_apply_on_ti2v_5b_with_tab_equals_the_dense_oracle(host, ti2v_sd, per_fr
     assert torch.allclose(ours, want, atol=ATOL), (ours - want).abs().max()
     plain = forward(model, x, t, ctx)
     assert (ours - plain).abs().max() > 1e-2  # the reference really acts at this size
+
+
+def test_ti2v_5b_start_image_graph_with_the_reference_off_is_the_graph_without_it(host, ti2v_sd, wan22_vae):  # noqa: F811
+    """The TI2V-5B image-to-video graph through the host's nodes and KSampler: Wan22ImageToVideoLatent's start
+    image (a noise mask, so per-frame timesteps), a reference encoded by the same Wan 2.2 VAE. Strength 0
+    masks the inserted reference from every query: the sampled video is the graph without CustomVideoXApply to
+    round-off, which holds only if every video frame keeps its own timestep."""
+    g = torch.Generator().manual_seed(25)
+    start, subject = torch.rand(1, 64, 96, 3, generator=g), torch.rand(1, 40, 60, 3, generator=g)
+    latent = host.node_classes["Wan22ImageToVideoLatent"].execute(
+        vae=wan22_vae, width=96, height=64, length=5, batch_size=1, start_image=start).result[0]
+    assert tuple(latent["samples"].shape) == (1, 48, 2, 4, 6) and "noise_mask" in latent
+    reference = host.node_classes["CustomVideoXReferenceEncode"].execute(
+        vae=wan22_vae, image=subject, width=96, height=64, fit="pad", background="white").result[0]
+    assert reference.family == "Wan2.2" and tuple(reference.latent.shape) == (1, 48, 1, 4, 6)
+    ctx = torch.randn(2, 12, tw.TEXT_DIM, generator=g)
+    positive, negative = [[ctx[:1], {}]], [[ctx[1:], {}]]
+
+    def sample(model) -> torch.Tensor:
+        return host.node_classes["KSampler"]().sample(model, 0, 2, 3.0, "euler", "simple", positive, negative,
+                                                     latent)[0]["samples"]
+
+    model = load(ti2v_sd)
+    plain = sample(model)
+    off = sample(apply(host, model, reference, strength=0.0))
+    torch.testing.assert_close(off, plain, rtol=1e-5, atol=1e-4)
+    on = sample(apply(host, model, reference, strength=2.0))
+    assert torch.isfinite(on).all() and (on - plain).abs().max() > 1e-3
+    assert torch.equal(on[:, :, :1], plain[:, :, :1])  # the start image's latent frame is kept as given
 
 
 # --- A reference from the other Wan VAE (and from CogVideoX's) ---------------------------------------------
@@ -320,6 +350,18 @@ def test_each_host_attention_function_gives_the_oracle(host, wan_sd, monkeypatch
     off = forward(apply(host, model, encoded(host, ref[:1, :, :1], "Wan2.1"), strength=0.0), x, t, ctx)
     torch.testing.assert_close(off, forward(model, x, t, ctx), rtol=1e-5, atol=1e-4)
     assert len(calls) == 2 * 2 * 5  # 2 blocks x (self + cross) x 5 forwards: every call went through it
+
+
+def test_in_context_reference_latents_are_a_clear_error(host, wan_sd):
+    """BerniniConditioning's reference streams are tokens after the video in the same self-attention."""
+    x, ref, ctx = inputs(26)
+    model = load(wan_sd)
+    context = [torch.randn(2, 16, 1, H, W)]
+    for node, patched in ((APPLY, apply(host, model, encoded(host, ref[:1], "Wan2.1"), strength=2.0)),
+                          (BIAS, bias(host, model, strength=2.0, leading_frames=1))):
+        with pytest.raises(ValueError, match=f"{node} model: the conditioning carries in-context reference "
+                                             f"latents \\(BerniniConditioning\\)"):
+            forward(patched, x, torch.tensor([500.0, 500.0]), ctx, context_latents=context)
 
 
 # --- Wan variants the pack does not handle: a clear error naming them -------------------------------------
