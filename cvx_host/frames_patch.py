@@ -46,7 +46,7 @@ from .entries import MODES, BiasSettings, check_blocks, check_stackable
 from .errors import PatchError
 from .progress import call_progress
 from .run_cache import AutoMaps, estimate_with_extra_frames, install_run_cache, positive_maps
-from .wan import CallOrder, Wan, check_self_call, is_vace, to_heads
+from .wan import CallOrder, Wan, check_self_call, is_vace, timestep_with_references, to_heads
 
 # What every CustomVideoXApply on one Wan model shares: one attention layout and one RoPE table per call.
 WAN_SHARED_SETTINGS = (("mode", "attention_mode"), ("ref_rope", "reference_rope"))
@@ -172,6 +172,10 @@ def diffusion_wrapper(executor, x, timestep, context, clip_fea, time_dim_concat,
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
     backbone = Wan(executor.class_obj)
     inserted = transformer_options.get(options.INSERTED_FRAMES_KEY) or []
+    if kwargs.get("context_latents") is not None:  # more tokens after the video: the layout would be wrong
+        raise PatchError(f"{'CustomVideoXApply' if inserted else NODE} model: the conditioning carries in-context "
+                         f"reference latents (BerniniConditioning), which the pack does not handle yet: sample this "
+                         f"MODEL without the CustomVideoX node, or build the conditioning without them")
     if inserted:  # CustomVideoXApply on Wan T2V: the references' K/V (one-way) or leading frames (two-way)
         backbone.check_call(inserted, x)
         if entries[0].mode == "one_way":
@@ -181,10 +185,13 @@ def diffusion_wrapper(executor, x, timestep, context, clip_fea, time_dim_concat,
                                 transformer_options, layout=stream.one_way_layout(x, len(inserted)), ref_kv=kv,
                                 **kwargs)
         refs = stream.two_way_inputs(entries, inserted, x, transformer_options)
-        out = _biased_call(executor, entries, backbone, torch.cat([*refs, x], dim=2), len(refs), timestep, context,
-                           clip_fea, time_dim_concat, stream.with_rope(transformer_options, len(refs),
-                                                                       entries[0].ref_rope), **kwargs)
-        return out[:, :, len(refs):]
+        n_in = sum(r.shape[2] for r in refs)
+        # Wan 2.2 TI2V gives one timestep per latent frame: the references' go in front, the video keeps its own.
+        timestep = timestep_with_references(timestep, n_in, x.shape[2], "CustomVideoXApply")
+        out = _biased_call(executor, entries, backbone, torch.cat([*refs, x], dim=2), n_in, timestep, context,
+                           clip_fea, time_dim_concat, stream.with_rope(transformer_options, n_in, entries[0].ref_rope),
+                           **kwargs)
+        return out[:, :, n_in:]
     return _biased_call(executor, entries, backbone, x, entries[0].leading_frames, timestep, context, clip_fea,
                         time_dim_concat, transformer_options, **kwargs)
 

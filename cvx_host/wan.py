@@ -1,7 +1,8 @@
 """What the pack needs to know about the host's native Wan DiT (``comfy.ldm.wan.model``), in one place.
 
 * Which Wan models are handled: ``WanModel`` text-to-video (Wan 2.1/2.2 T2V, TI2V-5B, Phantom) and
-  ``VaceWanModel``. Image-to-video and the other variants raise a clear error naming them.
+  ``VaceWanModel``. Image-to-video (also Wan 2.2 I2V A14B and the Fun models, which load as text-to-video
+  with extra input channels) and the other variants raise a clear error naming them.
 * Where reference frames sit in a model call: Phantom's ``time_dim_concat`` frames are appended after
   the video (the DIFFUSION_MODEL wrapper receives them as an argument); VACE's reference frame(s) are
   the leading latent frames of ``x`` (how many is a setting: the graph's ``trim_latent``).
@@ -19,14 +20,16 @@ from dataclasses import dataclass
 
 import torch
 from comfy.ldm.wan.model import VaceWanModel, WanModel, WanT2VCrossAttention
+from comfy.model_base import WAN21, WAN22, WAN21_Vace
 
 from ..cvx_core.frame_layout import FrameLayout, frame_layout
 from ..cvx_core.token_layout import TokenLayout
 from .backbone import first_frame_in_latent_format, register
 from .errors import PatchError
 
-# Host classes of Wan variants the pack does not handle yet (named in the error).
+# The host classes (DiT and model wrapper) of the Wan models the pack handles; any other is named in the error.
 _HANDLED = (WanModel, VaceWanModel)
+_HANDLED_BASES = (WAN21, WAN22, WAN21_Vace)
 
 
 def check_wan(model, node: str) -> WanModel:
@@ -35,13 +38,21 @@ def check_wan(model, node: str) -> WanModel:
     if not isinstance(dm, WanModel):
         raise PatchError(f"{node}: the MODEL is a {type(dm).__name__} ({type(model.model).__name__}), not Wan: "
                          f"load a Wan 2.1/2.2 text-to-video, Phantom or VACE model with UNETLoader")
-    if type(dm) not in _HANDLED:
+    if type(dm) not in _HANDLED or type(model.model) not in _HANDLED_BASES:
         raise PatchError(f"{node}: the MODEL is a Wan variant the pack does not handle yet "
                          f"({type(dm).__name__}, {type(model.model).__name__}); handled: Wan 2.1/2.2 "
-                         f"text-to-video (incl. Phantom) and VACE")
+                         f"text-to-video (incl. Phantom and TI2V-5B) and VACE")
     if not isinstance(dm.blocks[0].cross_attn, WanT2VCrossAttention) or dm.model_type != "t2v":
         raise PatchError(f"{node}: the MODEL is Wan image-to-video ({type(model.model).__name__}), which the "
                          f"pack does not handle yet; use a Wan text-to-video, Phantom or VACE model")
+    ref_conv = getattr(dm, "ref_conv", None) is not None
+    if dm.in_dim != dm.out_dim or ref_conv:
+        # Wan 2.2 I2V A14B and the Fun inpaint/control models load as text-to-video but take image, mask or
+        # control channels (or a reference image) beside the video latent.
+        raise PatchError(f"{node}: the MODEL takes {dm.in_dim} input channels for a {dm.out_dim}-channel video "
+                         f"latent{' and a reference image' if ref_conv else ''} (Wan 2.2 "
+                         f"image-to-video or a Fun inpaint/control model), which the pack does not handle yet; "
+                         f"use a Wan text-to-video, Phantom or VACE model")
     if tuple(dm.patch_size) != (1, 2, 2):
         raise PatchError(f"{node}: the Wan MODEL has patch size {tuple(dm.patch_size)}; expected (1, 2, 2)")
     return dm
@@ -73,6 +84,21 @@ def call_layout(x: torch.Tensor, time_dim_concat: torch.Tensor | None, leading: 
     if trailing:
         return frame_layout((t, *hw), trailing, after_video=True)
     return frame_layout((t - leading, *hw), leading, after_video=False)
+
+
+def timestep_with_references(timestep: torch.Tensor, refs: int, frames: int, node: str) -> torch.Tensor:
+    """The timestep of a model call whose ``frames`` video latent frames get ``refs`` reference frames in front.
+
+    One timestep per row is every token's already. Wan 2.2 (``WAN22``) with a denoise mask gives one per
+    latent frame ``[B, T]`` (0 on a given start image), which the host repeats over each frame's tokens: the
+    references get the row's sampling timestep (its largest, a frame being generated) in front, so every
+    video frame keeps its own."""
+    if timestep.ndim < 2 or timestep.shape[1] == 1:
+        return timestep
+    if timestep.shape[1] != frames:
+        raise PatchError(f"{node}: this model call has {timestep.shape[1]} timesteps per row for {frames} latent "
+                         f"frames; the inserted reference needs one per row or one per latent frame")
+    return torch.cat([timestep.amax(1, keepdim=True).expand(-1, refs), timestep], dim=1)
 
 
 @dataclass
@@ -129,7 +155,10 @@ class Wan:
 
     def prepare_reference(self, model, latent: torch.Tensor, node: str) -> torch.Tensor:
         """A reference VAE latent ``[N, C, F, H, W]`` -> frame 0 in the model's latent format ``[N, C, 1, H, W]``."""
-        return first_frame_in_latent_format(model, latent, node, "its own Wan VAE")
+        wide = model.get_model_object("latent_format").latent_channels == 48
+        vae = ("the Wan 2.2 VAE (wan2.2_vae, 48 channels: TI2V-5B's)" if wide else
+               "the Wan 2.1 VAE (wan_2.1_vae, 16 channels: Wan 2.1's and Wan 2.2 A14B's)")
+        return first_frame_in_latent_format(model, latent, node, vae)
 
     def check_call(self, references: list[torch.Tensor], x: torch.Tensor) -> None:
         """Checks that need the video (run at the sampler; messages name the pack node and input)."""

@@ -40,7 +40,7 @@ from tiny_models import _init_all, ensure_host_importable, save_safetensors
 HEAD_DIM = 128  # the host's detection: heads = dim // 128
 TEXT_DIM = 4096
 TINY_WAN: dict[str, Any] = {"heads": 2, "layers": 2, "ffn_dim": 64}
-LATENT_CHANNELS = 16
+LATENT_CHANNELS = 16  # Wan 2.1 and 2.2 A14B; 48 for Wan 2.2 TI2V-5B (``channels=48``)
 VACE_LAYERS = 1
 
 _NATIVE_TO_DIFFUSERS: list[tuple[str, str]] = [
@@ -83,14 +83,16 @@ def _seeded_state_dict(model: torch.nn.Module, seed: int) -> dict[str, torch.Ten
 
 
 def build_wan_state_dict(seed: int = 0, vace: bool = False, **config: int) -> dict[str, torch.Tensor]:
-    """Random fp32 weights for the host's ``WanModel`` (or ``VaceWanModel``) in ComfyUI key layout."""
+    """Random fp32 weights for the host's ``WanModel`` (or ``VaceWanModel``) in ComfyUI key layout.
+    ``channels=48``: the Wan 2.2 TI2V-5B layout (48-channel latent in and out; detected as ``WAN22_T2V``)."""
     ensure_host_importable()
     import comfy.ops
     from comfy.ldm.wan.model import VaceWanModel, WanModel
 
     c = {**TINY_WAN, **config}
-    kw = dict(patch_size=(1, 2, 2), in_dim=LATENT_CHANNELS, dim=c["heads"] * HEAD_DIM, ffn_dim=c["ffn_dim"],
-              freq_dim=256, text_dim=TEXT_DIM, out_dim=LATENT_CHANNELS, num_heads=c["heads"],
+    channels = c.get("channels", LATENT_CHANNELS)
+    kw = dict(patch_size=(1, 2, 2), in_dim=channels, dim=c["heads"] * HEAD_DIM, ffn_dim=c["ffn_dim"],
+              freq_dim=256, text_dim=TEXT_DIM, out_dim=channels, num_heads=c["heads"],
               num_layers=c["layers"], operations=comfy.ops.disable_weight_init, dtype=torch.float32)
     if vace:
         model = VaceWanModel(vace_layers=VACE_LAYERS, vace_in_dim=96, **kw)
@@ -104,9 +106,10 @@ def build_diffusers_wan(native_sd: dict[str, torch.Tensor], **config: int) -> to
     from diffusers import WanTransformer3DModel
 
     c = {**TINY_WAN, **config}
+    channels = c.get("channels", LATENT_CHANNELS)
     model = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=c["heads"], attention_head_dim=HEAD_DIM,
-        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, text_dim=TEXT_DIM, freq_dim=256,
+        in_channels=channels, out_channels=channels, text_dim=TEXT_DIM, freq_dim=256,
         ffn_dim=c["ffn_dim"], num_layers=c["layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         eps=1e-6)
     missing, unexpected = model.load_state_dict(native_to_diffusers(native_sd), strict=False)

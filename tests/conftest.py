@@ -67,6 +67,14 @@ def tiny_models(tiny_models_dir: Path) -> TinyModels:
 
 
 @pytest.fixture(scope="session")
+def wan_files(tiny_models_dir: Path) -> dict[str, Path]:
+    """The tiny Wan set (T2V, VACE, TI2V-5B layouts, a Wan 2.1 VAE) in the session's models folder."""
+    import tiny_wan
+
+    return tiny_wan.build_tiny_wan_set(tiny_models_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
 def host_env(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> _host.HostEnv:
     return _host.HostEnv.create(tmp_path_factory.mktemp("cvx_host"), tiny_models_dir)
 

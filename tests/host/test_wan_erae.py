@@ -19,9 +19,8 @@ import pytest
 import tiny_wan as tw
 import torch
 from test_erae_fidelity import alone_vs_batched, max_diff
-from test_wan_e2e import LATENT, SIZE, latent_only, nodes_of
 from test_wan_oracle import ATOL, HW, NODE, H, Spec, T, W, diffusers_run, host_run, inputs
-from test_wan_t2v_e2e import tiny_t2v, wan_files  # noqa: F401 (wan_files: the module fixture)
+from wan_graphs import LATENT, SIZE, latent_only, nodes_of, tiny_t2v
 from workflow_tools import decode_mp4
 
 pytestmark = [pytest.mark.host, pytest.mark.usefixtures("one_thread")]
@@ -223,7 +222,7 @@ def test_two_stacked_references_each_get_their_own_biases_like_the_dense_oracle(
     assert (swapped - want).abs().max() > 1e-2
 
 
-def test_two_stacked_references_workflow_decodes_an_mp4(host, wan_files, monkeypatch):  # noqa: F811 (fixture)
+def test_two_stacked_references_workflow_decodes_an_mp4(host, wan_files, monkeypatch):
     """The shipped Wan T2V graph with a second reference (its own image, encode, strength and ERAE mask)
     chained after the first CustomVideoXApply, through the real executor."""
     from customvideox.cvx_host import wan as wan

@@ -15,10 +15,9 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-import tiny_wan as tw
 import torch
 import workflow_tools as wt
-from test_wan_e2e import LATENT, SIZE, latent_only, nodes_of, tiny_wan
+from wan_graphs import LATENT, SIZE, latent_only, nodes_of, tiny_t2v
 from workflow_tools import decode_mp4
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,19 +57,6 @@ def test_t2v_example_is_the_host_template_with_the_reference_on_the_model():
     assert api[apply]["inputs"]["reference"] == [encode, 0]
     assert api[encode]["inputs"]["vae"] == [nodes_of(api, "VAELoader"), 0]
     assert [api[encode]["inputs"][k] for k in ("width", "height")] == [api[latent]["inputs"][k] for k in ("width", "height")]
-
-
-@pytest.fixture(scope="module")
-def wan_files(tiny_models_dir):
-    return tw.build_tiny_wan_set(tiny_models_dir, seed=0)
-
-
-def tiny_t2v(wan_files) -> dict:
-    """The shipped graph on the tiny files, at the tiny video size (the reference encoded at it too)."""
-    p = tiny_wan(NAME, wan_files["wan_t2v"], wan_files)
-    p[nodes_of(p, "EmptyHunyuanLatentVideo")]["inputs"].update(SIZE)
-    p[nodes_of(p, "CustomVideoXReferenceEncode")]["inputs"].update(width=SIZE["width"], height=SIZE["height"])
-    return p
 
 
 def test_t2v_reference_workflow_decodes_an_mp4(host, wan_files):
