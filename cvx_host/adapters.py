@@ -138,7 +138,7 @@ def load_adapter(model, path: str, strength: float, mode: str):
             parts = module.split(".", 2)
             if len(parts) == 3 and parts[0] == "blocks" and parts[2] in family.reference_modules:
                 return None
-            return (f"{module} is not a reference-branch block projection "
+            return (f"{module} is not a block projection of the reference tokens "
                     f"({', '.join(family.reference_modules)}): reference_only mode cannot use it")
     else:
         def allowed(module: str) -> str | None:

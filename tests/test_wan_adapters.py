@@ -198,7 +198,7 @@ def test_text_side_and_other_backbones_keys_are_clear_errors_or_reported(host, w
     path = write_layout("peft", pairs, tmp_path, "with_text_k")
     _, report = load(host, base, path)
     assert report.modules == 1 and "transformer.blocks.1.attn2.to_k.lora_A.weight" in report.unused
-    assert "not a reference-branch block projection" in report.text()
+    assert "not a block projection of the reference tokens" in report.text()
     glob, report = load(host, base, path, strength=0.5, mode="global")
     assert report.modules == 2 and not report.unused
     import comfy.model_management as mm
@@ -346,3 +346,56 @@ def test_training_refuses_a_reference_timestep_wan_cannot_honour(host, wan_sd):
     lora = host.pack("cvx_core.lora").init_adapter({"blocks.0.self_attn.q": (DIM, DIM)}, 2, 2.0)
     with pytest.raises(tr.TrainingError, match="CustomVideoXTrainAdapter reference_timestep: 'noised' on a Wan"):
         ta.training_model_fn(base_model(wan_sd), lora, "noised")
+
+
+class StubWanClip:
+    """Stands in for the umT5 CLIP object (no T5 weights here): the two methods the node calls."""
+
+    def __init__(self) -> None:
+        self.cond_stage_model = torch.nn.Linear(2, 2)
+
+    def tokenize(self, text: str) -> str:
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens: str):
+        g = torch.Generator().manual_seed(len(tokens))
+        return [[torch.randn(1, 12, 4096, generator=g), {}]]
+
+
+def test_train_adapter_node_on_wan_with_the_hosts_vae(host, host_env, wan_sd, tmp_path):
+    """The node's glue on Wan under the host's inference mode: a core-loaded model, the real (tiny) Wan VAE, the
+    adapter saved into models/loras in the host's Wan names, loadable by the adapter loader."""
+    import comfy.sd
+    import folder_paths
+    from PIL import Image
+
+    unet = tmp_path / "tiny_wan.safetensors"
+    save_file(wan_sd, str(unet))
+    model = comfy.sd.load_diffusion_model(str(unet))
+    vae = comfy.sd.VAE(sd=tw.build_wan_vae_state_dict(seed=0))
+    clips = Path(folder_paths.get_input_directory()) / "cvx_wan_train_set"
+    (clips / "box").mkdir(parents=True, exist_ok=True)
+    for i in range(9):
+        frame = np.full((32, 32, 3), 40, np.uint8)
+        frame[10:20, 2 + 2 * i:12 + 2 * i] = (230, 40, 40)
+        Image.fromarray(frame).save(clips / "box" / f"{i:03d}.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[10:20, 2:12] = 255
+    Image.fromarray(mask).save(clips / "box.mask.png")
+    (clips / "box.txt").write_text("a red box slides to the right", encoding="utf-8")
+    node = host.node_classes["CustomVideoXTrainAdapter"]
+    with torch.inference_mode():
+        out = node.execute(model=model, vae=vae, clip=StubWanClip(), dataset_folder="cvx_wan_train_set", subject="box",
+                           adapter_name="cvx_wan_node_trained", steps=3, learning_rate=1e-3, rank=2, alpha=2.0,
+                           targets="attention + feed-forward", width=32, height=32, num_frames=9, frame_stride=1,
+                           reference_drop=0.0, text_drop=0.0, gradient_checkpointing=True, checkpoint_every=0,
+                           resume=False, seed=0)
+    name, curve = out.result
+    assert name == "cvx_wan_node_trained.safetensors" and curve.shape == (1, 480, 900, 3)
+    path = Path(folder_paths.get_full_path("loras", name))
+    lk = host.pack("cvx_core.lora_keys")
+    sd, metadata, config = lk.read_lora_file(path)
+    assert "diffusion_model.blocks.1.ffn.2.lora_up.weight" in sd
+    assert (lk.parse_lora(sd, metadata, config).meta.steps, len(sd)) == (3, 2 * 6 * 3)
+    _, report = load(host, base_model(wan_sd), path)
+    assert report.modules == 12 and not report.unused
