@@ -126,7 +126,7 @@ class TrainBench:
         self.model = build_model(geo, blocks, dtype, seed)
         shapes = lora_mod.block_target_shapes(rb.module_shapes(self.model), targets)
         self.lora = lora_mod.init_adapter(shapes, rank, alpha, seed=seed)
-        self.model_fn, self.device, self.dtype, self.acp = ta.training_model_fn(self.model, self.lora)
+        self.model_fn, self.device, self.dtype, self.objective = ta.training_model_fn(self.model, self.lora)
         self.build_s = time.perf_counter() - t0
         self.dm = self.model.model.diffusion_model
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.dm.parameters())
@@ -141,7 +141,7 @@ class TrainBench:
                   "text": torch.randn(1, geo.text, geo.text_dim, generator=g)}
         self.data = ds.CachedDataset([sample], torch.zeros(1, geo.text, geo.text_dim), [])
         # The forward rows' inputs, made as train_adapter makes them (t = 500, v-prediction noising).
-        x_t, _ = self.tr.v_target(sample["latent"], torch.randn(sample["latent"].shape, generator=g), self.acp[500])
+        x_t, _ = self.objective.point(sample["latent"], torch.randn(sample["latent"].shape, generator=g), 500)
         self.inputs = (x_t.to(self.device, self.dtype), torch.tensor([500.0], device=self.device),
                        sample["text"].to(self.device, self.dtype), sample["reference"].to(self.device, self.dtype))
         self.out_dir = Path(tempfile.mkdtemp(prefix="cvx_train_bench_"))
@@ -173,7 +173,7 @@ class TrainBench:
 
         self.mm.in_training = True  # as nodes.train_adapter.train_on_host
         try:
-            self.tr.train_adapter(self.settings[checkpointing], self.data, self.model_fn, self.lora, self.acp,
+            self.tr.train_adapter(self.settings[checkpointing], self.data, self.model_fn, self.lora, self.objective,
                                   self.out_dir, device=self.device, dtype=self.dtype, resume=False,
                                   progress=progress, check_interrupt=start)
         finally:

@@ -22,9 +22,17 @@ from pathlib import Path
 
 import torch
 
-# The block projections a CustomVideoX adapter may act on (native names, DESIGN.md §2).
+# The block projections a CustomVideoX adapter may act on (native names, DESIGN.md §2). They also name the
+# trainer's targets on every backbone: a family maps each to its own block sub-module (``WAN_TARGET_MODULES``).
 TARGETS = ("q", "k", "v", "attn_out", "ff_proj", "ff_out")
 DEFAULT_TARGETS = ("q", "k", "v", "attn_out")
+COGVIDEOX_TARGET_MODULES = {t: t for t in TARGETS}
+WAN_TARGET_MODULES = {"q": "self_attn.q", "k": "self_attn.k", "v": "self_attn.v", "attn_out": "self_attn.o",
+                      "ff_proj": "ffn.0", "ff_out": "ffn.2"}
+# Every per-token projection a Wan block applies to the reference rows: the trainer's targets, plus the text
+# cross-attention's query and output (the reference's own rows). Its k and v project the text, which the video
+# shares, so they are not reference-branch modules.
+WAN_REFERENCE_MODULES = (*WAN_TARGET_MODULES.values(), "cross_attn.q", "cross_attn.o")
 SAVE_PREFIX = "diffusion_model."
 META_PREFIX = "customvideox."
 FORMAT = "customvideox-reference-lora-v1"
@@ -170,16 +178,20 @@ def init_adapter(shapes: dict[str, tuple[int, int]], rank: int, alpha: float, se
     return ReferenceLora(pairs)
 
 
-def block_target_shapes(named_weights: dict[str, tuple[int, ...]], targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+def block_target_shapes(named_weights: dict[str, tuple[int, ...]], targets: tuple[str, ...],
+                        modules: dict[str, str] | None = None) -> dict[str, tuple[int, int]]:
     """``{"blocks.N.q": (out, in)}`` for every block projection in ``targets``, from the DiT's
-    ``{module path: weight shape}`` (native names)."""
+    ``{module path: weight shape}`` (native names); ``modules``: target -> the family's block sub-module
+    (default CogVideoX's, the targets' own names)."""
+    modules = modules or COGVIDEOX_TARGET_MODULES
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
         raise ValueError(f"LoRA targets {list(targets)} must be a non-empty subset of {list(TARGETS)}")
-    pat = re.compile(rf"^blocks\.\d+\.({'|'.join(map(re.escape, targets))})$")
+    pat = re.compile(rf"^blocks\.\d+\.({'|'.join(re.escape(modules[t]) for t in targets)})$")
     shapes = {k: (s[0], s[1]) for k, s in named_weights.items() if pat.match(k)}
     if not shapes:
-        raise ValueError("the model has no CogVideoX block projections (blocks.N.q ...): is it a CogVideoX DiT?")
+        raise ValueError(f"the model has no block projections named blocks.N.{modules[targets[0]]}: the targets "
+                         f"are for another backbone")
     return shapes
 
 

@@ -9,7 +9,10 @@ Accepted (DESIGN.md §2):
   names, ``lora_unet_`` or ``lora_transformer_`` prefix);
 * ComfyUI-native: ``diffusion_model.blocks.N.q.lora_down.weight`` (or ``lora_A``/``lora_B``) + ``.alpha``.
 
-Names go through the one diffusers -> native rename (:mod:`cvx_core.checkpoint_keys`). ``alpha / rank``
+Module names are per backbone family (:class:`KeyScheme`): CogVideoX's go through the one diffusers -> native
+rename (:mod:`cvx_core.checkpoint_keys`); Wan's diffusers names (``blocks.N.attn1.to_q``, ``attn2``, ``ffn.net.0.proj``)
+map onto the host's (``blocks.N.self_attn.q``, ``cross_attn``, ``ffn.0``), and kohya/musubi-tuner files
+(``lora_unet_blocks_N_self_attn_q``) resolve against the model's own module names. ``alpha / rank``
 is folded into each pair's scale; with no alpha anywhere the scale is 1 (the host's convention). Every
 file key ends up either used or listed as unused with a reason: nothing is dropped silently.
 """
@@ -51,9 +54,57 @@ def _native_block_sub(diffusers_sub: str) -> str:
     return diffusers_key_to_native(f"transformer_blocks.0.{diffusers_sub}.weight")[len("blocks.0."):-len(".weight")]
 
 
-# kohya's underscored block sub-module name (diffusers or native) -> native sub-module path.
-_KOHYA_SUBS = {name.replace(".", "_"): nat for sub in _DIFFUSERS_BLOCK_MODULES for nat in [_native_block_sub(sub)]
-               for name in (sub, nat)}
+def _kohya_subs(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """kohya's underscored block sub-module name (diffusers or native) -> native sub-module path."""
+    return {name.replace(".", "_"): nat for dif, nat in pairs for name in (dif, nat)}
+
+
+@dataclass(frozen=True)
+class KeyScheme:
+    """How one backbone family's LoRA module names map onto the host's native names."""
+
+    family: str
+    to_native: Callable[[str], str]  # a module path (prefix stripped), diffusers or native -> native
+    kohya_subs: dict[str, str]  # kohya block sub-module (underscored) -> native block sub-module
+    examples: tuple[str, ...]  # file keys to quote in errors
+
+    @property
+    def block_subs(self) -> frozenset[str]:
+        return frozenset(self.kohya_subs.values())
+
+
+COGVIDEOX = KeyScheme(
+    family="CogVideoX",
+    to_native=lambda module: diffusers_key_to_native(module + ".weight")[:-len(".weight")],
+    kohya_subs=_kohya_subs([(sub, _native_block_sub(sub)) for sub in _DIFFUSERS_BLOCK_MODULES]),
+    examples=EXPECTED_EXAMPLES)
+
+# Wan, diffusers (WanTransformer3DModel) -> the host's comfy.ldm.wan names; a pure rename, same shapes.
+_WAN_BLOCK_SUBS = [(f"attn{i}.to_{p}", f"{attn}.{p}") for i, attn in ((1, "self_attn"), (2, "cross_attn"))
+                   for p in "qkv"] + [("attn1.to_out.0", "self_attn.o"), ("attn2.to_out.0", "cross_attn.o"),
+                                      ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2")]
+_WAN_TOP = {"condition_embedder.time_embedder.linear_1": "time_embedding.0",
+            "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+            "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+            "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+            "condition_embedder.time_proj": "time_projection.1", "proj_out": "head.head"}
+_WAN_SUB_TO_NATIVE = dict(_WAN_BLOCK_SUBS)
+_NATIVE_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def _wan_to_native(module: str) -> str:
+    m = _NATIVE_BLOCK_RE.match(module)
+    if m:
+        sub = _WAN_SUB_TO_NATIVE.get(m.group(2), m.group(2))
+        return f"blocks.{m.group(1)}.{sub}"
+    return _WAN_TOP.get(module, module)
+
+
+WAN = KeyScheme(family="Wan", to_native=_wan_to_native, kohya_subs=_kohya_subs(_WAN_BLOCK_SUBS),
+                examples=("transformer.blocks.0.attn1.to_q.lora_A.weight",
+                          "lora_unet_blocks_0_self_attn_q.lora_down.weight",
+                          "diffusion_model.blocks.0.self_attn.q.lora_up.weight"))
+SCHEMES = (COGVIDEOX, WAN)
 
 
 @dataclass
@@ -135,14 +186,15 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def module_to_native(module: str, known: set[str] | None = None) -> tuple[str | None, str]:
+def module_to_native(module: str, known: set[str] | None = None, scheme: KeyScheme = COGVIDEOX
+                     ) -> tuple[str | None, str]:
     """``(native module path or None, layout name)`` for a LoRA module name as stored in a file."""
     for prefix in _KOHYA_PREFIXES:
         if module.startswith(prefix):
             rest = module[len(prefix):]
             m = _KOHYA_BLOCK_RE.match(rest)
-            if m and m.group(2) in _KOHYA_SUBS:
-                return f"blocks.{m.group(1)}.{_KOHYA_SUBS[m.group(2)]}", "kohya"
+            if m and m.group(2) in scheme.kohya_subs:
+                return f"blocks.{m.group(1)}.{scheme.kohya_subs[m.group(2)]}", "kohya"
             if known:
                 by_kohya = {k.replace(".", "_"): k for k in known}
                 return by_kohya.get(rest), "kohya"
@@ -154,17 +206,18 @@ def module_to_native(module: str, known: set[str] | None = None) -> tuple[str | 
         for prefix in _DOTTED_PREFIXES:
             if name.startswith(prefix):
                 name, stripped = name[len(prefix):], True
-    native = diffusers_key_to_native(name + ".weight")[:-len(".weight")]
+    native = scheme.to_native(name)
     return native, ("diffusers/PEFT" if native != name else "ComfyUI-native")
 
 
 def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, peft_config: dict | None = None,
-               name: str = "LoRA file", known_modules: set[str] | None = None) -> ParsedLora:
+               name: str = "LoRA file", known_modules: set[str] | None = None,
+               scheme: KeyScheme = COGVIDEOX) -> ParsedLora:
     """Group ``sd``'s tensors into native-named LoRA pairs with folded ``alpha / rank``.
 
     ``peft_config`` (an ``adapter_config.json``) wins over the metadata's PEFT config; an ``.alpha``
     tensor wins over both for its module. ``known_modules`` (the model's native module paths) lets
-    kohya names outside the blocks resolve too.
+    kohya names outside the blocks resolve too; ``scheme``: the model's family names.
     """
     config = peft_config or _peft_config_from_metadata(metadata)
     groups: dict[str, dict[str, str]] = {}
@@ -190,10 +243,10 @@ def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
             for k in keys:
                 unused[k] = "incomplete pair (needs both down/lora_A and up/lora_B)"
             continue
-        native, layout = module_to_native(module, known_modules)
+        native, layout = module_to_native(module, known_modules, scheme)
         if native is None:
             for k in keys:
-                unused[k] = f"module {module!r} is not a CogVideoX module"
+                unused[k] = f"module {module!r} is not a {scheme.family} module"
             continue
         down, up = sd[down_key], sd[up_key]
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
@@ -227,8 +280,17 @@ def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
                       name=name)
 
 
+def other_family(modules: list[str], scheme: KeyScheme) -> str | None:
+    """The family whose block sub-modules (and not ``scheme``'s) the LoRA's native module names use, if any."""
+    subs = {m.group(2) for name in modules if (m := _NATIVE_BLOCK_RE.match(name))}
+    for other in SCHEMES:
+        if other is not scheme and subs and subs <= other.block_subs and not subs & scheme.block_subs:
+            return other.family
+    return None
+
+
 def select(parsed: ParsedLora, module_shapes: dict[str, tuple[int, ...]],
-           allowed: Callable[[str], str | None]) -> tuple[ReferenceLora, KeyReport]:
+           allowed: Callable[[str], str | None], scheme: KeyScheme = COGVIDEOX) -> tuple[ReferenceLora, KeyReport]:
     """The pairs that fit the model: the module exists, shapes match, and ``allowed(module)`` returns
     None (else it returns the reason it is not used). Raises :class:`LoraKeyError` when none fits."""
     report = KeyReport(name=parsed.name, layouts=sorted(parsed.layouts), alpha_source=parsed.alpha_source,
@@ -256,10 +318,14 @@ def select(parsed: ParsedLora, module_shapes: dict[str, tuple[int, ...]],
     if not chosen:
         found = ", ".join(sorted(report.unused)[:3]) or "(no tensors)"
         hint = ""
-        if shape_misses:
+        other = other_family(list(parsed.pairs), scheme)
+        if other:
+            hint = f"; its module names are a {other} model's: this LoRA is for {other}, not {scheme.family}"
+        elif shape_misses:
             hint = f"; {shape_misses} module(s) matched by name but not by shape: the LoRA is for another model"
         elif parsed.pairs:
             hint = "; " + next(iter(sorted(set(report.unused.values()))))
-        raise LoraKeyError(f"{parsed.name}: none of its {len(report.unused)} keys can be applied to this CogVideoX "
-                           f"model: found keys like {found}; expected keys like {', '.join(EXPECTED_EXAMPLES)}{hint}")
+        raise LoraKeyError(f"{parsed.name}: none of its {len(report.unused)} keys can be applied to this "
+                           f"{scheme.family} model: found keys like {found}; expected keys like "
+                           f"{', '.join(scheme.examples)}{hint}")
     return ReferenceLora(chosen, parsed.meta), report

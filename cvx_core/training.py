@@ -1,13 +1,18 @@
 """The CustomVideoX adapter training loop (DESIGN.md §1.4). Host-free.
 
 The base model stays frozen; only the adapter's LoRA pairs train, on the reference branch. The
-caller passes the model as a callable ``model_fn(x_t, t, text, reference, checkpointing) -> v`` (built
-on the host's patched model, see nodes/train_adapter.py) plus the model's ``alphas_cumprod``, device
-and dtype from the host's model management.
+caller passes the model as a callable ``model_fn(x_t, t, text, reference, checkpointing) -> prediction``
+(built on the host's patched model, see nodes/train_adapter.py) plus the model's :class:`Objective`
+(its sigma table and what it predicts), device and dtype from the host's model management.
 
-Loss: CogVideoX's v-prediction objective on the video tokens only (the model call returns the video
-frames; the reference frames it prepends are sliced off): with ``a = alphas_cumprod[t]``,
-``x_t = sqrt(a) x0 + sqrt(1-a) eps`` and ``v = sqrt(a) eps - sqrt(1-a) x0``, loss = MSE(model, v).
+Loss: the model's own objective on the video tokens only (the model call returns the video frames; the
+reference frames it inserts are sliced off), at a training timestep ``t`` (an index into the sigma table):
+
+* ``v_prediction`` (CogVideoX): with ``a = 1 / (1 + sigma_t^2)``, ``x_t = sqrt(a) x0 + sqrt(1-a) eps`` and
+  target ``v = sqrt(a) eps - sqrt(1-a) x0``;
+* ``flow`` (Wan, rectified flow): ``x_t = (1 - sigma_t) x0 + sigma_t eps`` and target ``eps - x0``.
+
+loss = MSE(model, target).
 Random drops: the caption is replaced by the empty caption's embedding (classifier-free guidance
 needs the unconditional branch), and [reconstructed] the reference by an all-zero latent (an
 uninformative reference; dropping the reference entirely would leave a reference-only LoRA nothing
@@ -35,7 +40,8 @@ from .plots import loss_curve_png
 
 log = logging.getLogger("customvideox")
 
-# (x_t [1,C,T,H,W], t [1], text [1,L,D], reference [1,C,F,h,w], gradient checkpointing) -> v [1,C,T,H,W]
+# (x_t [1,C,T,H,W], t [1] (sigma table index), text [1,L,D], reference [1,C,F,h,w], gradient checkpointing)
+# -> prediction [1,C,T,H,W]
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 CHECKPOINT_DIR = "checkpoints"
 # CustomVideoXApply's reference_timestep values a two-way training step can honour.
@@ -100,6 +106,35 @@ def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha_cumprod: torch.Tensor)
     return sa * x0 + sb * noise, sa * noise - sb * x0
 
 
+def flow_target(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_t, velocity)`` for rectified flow at ``sigma`` (a scalar tensor)."""
+    s = sigma.to(torch.float64).item()
+    return (1 - s) * x0 + s * noise, noise - x0
+
+
+OBJECTIVES = ("v_prediction", "flow")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the model predicts (``kind``, one of :data:`OBJECTIVES`) and its sigma table (index = training
+    timestep), as the host's model sampling defines them."""
+
+    kind: str
+    sigmas: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.kind not in OBJECTIVES:
+            raise TrainingError(f"training objective {self.kind!r} is not one of {OBJECTIVES}")
+
+    def point(self, x0: torch.Tensor, noise: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, target)`` at training timestep ``t``."""
+        sigma = self.sigmas[t]
+        if self.kind == "flow":
+            return flow_target(x0, noise, sigma)
+        return v_target(x0, noise, (1.0 / (1.0 + sigma.double() ** 2)).float())
+
+
 def _checkpoints(out_dir: Path) -> list[Path]:
     return sorted((out_dir / CHECKPOINT_DIR).glob("step_*.pt"))
 
@@ -116,7 +151,7 @@ def save_checkpoint(out_dir: Path, step: int, lora: ReferenceLora, optimizer: to
 
 
 def train_adapter(settings: TrainSettings, data: CachedDataset, model_fn: ModelFn, lora: ReferenceLora,
-                  alphas_cumprod: torch.Tensor, out_dir: str | Path, *, device: torch.device,
+                  objective: Objective, out_dir: str | Path, *, device: torch.device,
                   dtype: torch.dtype, base_model: str = "", adapter_name: str = "customvideox_adapter",
                   resume: bool = True, progress: Callable[[int, int, float], None] | None = None,
                   check_interrupt: Callable[[], None] | None = None) -> TrainResult:
@@ -130,6 +165,9 @@ def train_adapter(settings: TrainSettings, data: CachedDataset, model_fn: ModelF
     settings.check()
     if len(data) == 0:
         raise TrainingError("the dataset is empty")
+    if settings.timestep_max >= len(objective.sigmas):
+        raise TrainingError(f"timestep_max {settings.timestep_max} is past the model's {len(objective.sigmas)} "
+                            f"training timesteps")
     out_dir = Path(out_dir)
     # The adapter trains in fp32 on the model's device; the delta is cast to the model's dtype per call.
     for p in lora.pairs.values():
@@ -152,7 +190,7 @@ def train_adapter(settings: TrainSettings, data: CachedDataset, model_fn: ModelF
         gen.set_state(ck["rng"])
         losses, start = list(ck["losses"]), int(ck["step"])
         log.info("CustomVideoX training: resumed from %s (step %d)", found[-1].name, start)
-    acp = alphas_cumprod.detach().cpu()
+    objective = Objective(objective.kind, objective.sigmas.detach().cpu())
     saved: list[Path] = []
     step = start
     try:
@@ -164,13 +202,13 @@ def train_adapter(settings: TrainSettings, data: CachedDataset, model_fn: ModelF
             x0 = sample["latent"]
             noise = torch.randn(x0.shape, generator=gen)
             drop_ref, drop_text = torch.rand(2, generator=gen).tolist()
-            x_t, v = v_target(x0, noise, acp[t])
+            x_t, target = objective.point(x0, noise, t)
             ref = sample["reference"]
             ref = torch.zeros_like(ref) if drop_ref < settings.reference_drop else ref
             text = data.empty_text if drop_text < settings.text_drop else sample["text"]
             pred = model_fn(x_t.to(device, dtype), torch.tensor([float(t)], device=device),
                             text.to(device, dtype), ref.to(device, dtype), settings.gradient_checkpointing)
-            loss = torch.nn.functional.mse_loss(pred.float(), v.to(device, torch.float32))
+            loss = torch.nn.functional.mse_loss(pred.float(), target.to(device, torch.float32))
             if not math.isfinite(loss.item()):
                 raise TrainingError(f"the loss became {loss.item()} at step {step}: lower learning_rate")
             opt.zero_grad(set_to_none=True)

@@ -1,26 +1,45 @@
 """CustomVideoX adapters (LoRA) on a host MODEL: reference-branch (only the reference tokens' projections,
-through :mod:`.cogvideox_block`) or global (a plain weight patch through the host's own LoRA path)."""
+through :mod:`.cogvideox_block` on CogVideoX, :mod:`.wan_adapters` on Wan) or global (a plain weight patch
+through the host's own LoRA path). What differs per backbone family is one :class:`AdapterFamily`."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import comfy.lora
 import folder_paths
 import torch
 
-from ..cvx_core.lora import TARGETS, ReferenceLora
-from ..cvx_core.lora_keys import KeyReport, LoraKeyError, parse_lora, read_lora_file, select
+from ..cvx_core.lora import (
+    COGVIDEOX_TARGET_MODULES,
+    TARGETS,
+    WAN_REFERENCE_MODULES,
+    WAN_TARGET_MODULES,
+    ReferenceLora,
+)
+from ..cvx_core.lora_keys import (
+    COGVIDEOX,
+    WAN,
+    KeyReport,
+    KeyScheme,
+    LoraKeyError,
+    parse_lora,
+    read_lora_file,
+    select,
+)
 from ..cvx_core.paths import is_relative_name
-from . import options
+from . import options, wan_adapters
+from .backbone import backbone_for
 from .cogvideox_block import block_class
 
 log = logging.getLogger("customvideox")
 
 FOLDER = "loras"
 MODES = ("reference_only", "global")
+NODE = "CustomVideoXAdapterLoader"
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,17 +57,44 @@ def module_shapes(model) -> dict[str, tuple[int, ...]]:
             if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim == 2}
 
 
-def apply_reference_adapter(model, lora: ReferenceLora, strength: float):
-    """A clone of ``model`` whose blocks add ``lora`` on reference tokens (``model`` is not changed)."""
-    m = model.clone()
-    to = options.model_options(m)
-    to[options.ADAPTERS_KEY] = [*options.adapters(to), AdapterUse(lora, strength)]
+def _install_cogvideox(m, lora: ReferenceLora) -> None:
     n_blocks = len(m.get_model_object("diffusion_model").blocks)
     for i in range(n_blocks):
         if f"diffusion_model.blocks.{i}.forward" in m.object_patches:
             log.warning("CustomVideoX: another node patches diffusion_model.blocks.%d.forward; its forward runs "
                         "instead of the reference-branch adapter's for that block", i)
         m.add_object_patch(f"diffusion_model.blocks.{i}.__class__", block_class(i))
+
+
+@dataclass(frozen=True)
+class AdapterFamily:
+    """What reference-branch adapters need to know about one backbone family."""
+
+    scheme: KeyScheme  # the LoRA files' module names
+    reference_modules: tuple[str, ...]  # block sub-modules a reference-branch adapter may act on
+    target_modules: dict[str, str]  # the trainer's targets (cvx_core.lora.TARGETS) -> block sub-modules
+    install: Callable[[object, ReferenceLora], None]  # patch a clone so the adapters act on reference rows
+
+
+ADAPTER_FAMILIES = {
+    "CogVideoX": AdapterFamily(COGVIDEOX, TARGETS, COGVIDEOX_TARGET_MODULES, _install_cogvideox),
+    "Wan": AdapterFamily(WAN, WAN_REFERENCE_MODULES, WAN_TARGET_MODULES, wan_adapters.install),
+}
+
+
+def adapter_family(model, node: str = NODE) -> AdapterFamily:
+    """The model's family, or a clear error naming ``node`` (a family or variant the pack does not handle)."""
+    backbone = type(backbone_for(model, node)).for_model(model, node)
+    return ADAPTER_FAMILIES[backbone.family]
+
+
+def apply_reference_adapter(model, lora: ReferenceLora, strength: float):
+    """A clone of ``model`` whose blocks add ``lora`` on reference tokens (``model`` is not changed)."""
+    family = adapter_family(model)
+    m = model.clone()
+    to = options.model_options(m)
+    to[options.ADAPTERS_KEY] = [*options.adapters(to), AdapterUse(lora, strength)]
+    family.install(m, lora)
     return m
 
 
@@ -82,19 +128,22 @@ def load_adapter(model, path: str, strength: float, mode: str):
     """``(patched clone, KeyReport)``; raises :class:`LoraKeyError` (the input model is never changed)."""
     if mode not in MODES:
         raise LoraKeyError(f"mode {mode!r} is not one of {list(MODES)}")
+    family = adapter_family(model)
     sd, metadata, config = read_lora_file(path)
     shapes = module_shapes(model)
-    parsed = parse_lora(sd, metadata, config, name=os.path.basename(path), known_modules=set(shapes))
+    parsed = parse_lora(sd, metadata, config, name=os.path.basename(path), known_modules=set(shapes),
+                        scheme=family.scheme)
     if mode == "reference_only":
         def allowed(module: str) -> str | None:
-            parts = module.split(".")
-            if len(parts) == 3 and parts[0] == "blocks" and parts[2] in TARGETS:
+            parts = module.split(".", 2)
+            if len(parts) == 3 and parts[0] == "blocks" and parts[2] in family.reference_modules:
                 return None
-            return f"{module} is not a block projection ({', '.join(TARGETS)}): reference_only mode cannot use it"
+            return (f"{module} is not a block projection of the reference tokens "
+                    f"({', '.join(family.reference_modules)}): reference_only mode cannot use it")
     else:
         def allowed(module: str) -> str | None:
             return None
-    lora, report = select(parsed, shapes, allowed)
+    lora, report = select(parsed, shapes, allowed, family.scheme)
     if mode == "reference_only":
         return apply_reference_adapter(model, lora, strength), report
     return apply_global_adapter(model, lora, strength), report

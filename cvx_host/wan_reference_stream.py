@@ -146,9 +146,20 @@ def reference_stream_kv(dm: WanModel, latent: torch.Tensor, text: torch.Tensor, 
     e0 = dm.time_projection(e.reshape(1, -1, e.shape[-1])).unflatten(2, (6, dm.dim))
     context = dm.text_embedding(text)
     opts["total_blocks"] = len(dm.blocks)
+    replaces = opts.get("patches_replace", {}).get("dit", {})
     for i, block in enumerate(dm.blocks):
         opts["block_index"] = i
-        hidden = block(hidden, e=e0, freqs=freqs, context=context, context_img_len=None, transformer_options=opts)
+        replace = replaces.get(("double_block", i))
+        if replace is None:
+            hidden = block(hidden, e=e0, freqs=freqs, context=context, context_img_len=None, transformer_options=opts)
+            continue
+
+        def original_block(a: dict, block=block) -> dict:
+            return {"img": block(a["img"], context=a["txt"], e=a["vec"], freqs=a["pe"], context_img_len=None,
+                                 transformer_options=a["transformer_options"])}
+        # Block patches (the pack's reference adapters among them) see the pass as the host's forward shows them.
+        hidden = replace({"img": hidden, "txt": context, "vec": e0, "pe": freqs, "transformer_options": opts},
+                         {"original_block": original_block})["img"]
     return capture.kv
 
 

@@ -6,8 +6,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..cvx_core.lora_keys import LoraKeyError
-from ..cvx_host.adapters import FOLDER, MODES, load_adapter, log_report, resolve_lora_path
-from ..cvx_host.cogvideox import CogVideoX
+from ..cvx_host.adapters import FOLDER, MODES, adapter_family, load_adapter, log_report, resolve_lora_path
 from .types import CATEGORY
 
 
@@ -21,9 +20,11 @@ class CustomVideoXAdapterLoader(io.ComfyNode):
             description="Loads a CustomVideoX adapter (LoRA) from models/loras in diffusers/PEFT, kohya or "
                         "ComfyUI key layout. reference_only: the LoRA acts on the reference tokens only, so "
                         "without a reference the model is exactly the base model. Works before or after "
-                        "CustomVideoXApply and the core LoRA loaders.",
+                        "CustomVideoXApply and the core LoRA loaders. CogVideoX and Wan (on Wan: the "
+                        "reference CustomVideoXApply inserts; self-attention q/k/v/o, cross-attention q/o, FFN).",
             inputs=[
-                io.Model.Input("model", tooltip="A CogVideoX MODEL (before or after CustomVideoXApply)."),
+                io.Model.Input("model", tooltip="A CogVideoX or Wan text-to-video MODEL (before or after "
+                                                "CustomVideoXApply)."),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list(FOLDER),
                                tooltip="A .safetensors LoRA under models/loras. PEFT files take alpha from "
                                        "adapter_config.json beside them or from their metadata."),
@@ -40,7 +41,7 @@ class CustomVideoXAdapterLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name: str, strength: float = 1.0, mode: str = "reference_only") -> io.NodeOutput:
-        CogVideoX.for_model(model, "CustomVideoXAdapterLoader")
+        adapter_family(model)  # a clear error for a model the adapters do not handle, before the file is read
         try:
             patched, report = load_adapter(model, resolve_lora_path(lora_name), strength, mode)
         except (LoraKeyError, ValueError) as e:

@@ -22,7 +22,7 @@ from ..cvx_core.dataset import PrepSettings
 from ..cvx_core.lora import DEFAULT_TARGETS, TARGETS
 from ..cvx_core.paths import is_relative_name, is_safe_file_name
 from ..cvx_core.training import TRAIN_REFERENCE_TIMESTEPS, TrainSettings
-from ..cvx_host.cogvideox import CogVideoX
+from ..cvx_host.adapters import adapter_family
 from ..cvx_host.training import host_encoders, module_fingerprint, train_on_host
 from .types import CATEGORY
 
@@ -58,9 +58,12 @@ class CustomVideoXTrainAdapter(io.ComfyNode):
                         "adapter to models/loras (for CustomVideoXAdapterLoader), checkpoints and a loss curve.",
             is_output_node=True,
             inputs=[
-                io.Model.Input("model", tooltip="The CogVideoX text-to-video MODEL to train on (stays frozen)."),
-                io.Vae.Input("vae", tooltip="Its CogVideoX VAE (encodes the clips and references once)."),
-                io.Clip.Input("clip", tooltip="Its T5 text encoder (CLIPLoader type cogvideox)."),
+                io.Model.Input("model", tooltip="The CogVideoX or Wan text-to-video MODEL to train on (stays "
+                                                "frozen). On Wan the reference is a leading frame, as "
+                                                "CustomVideoXApply inserts it."),
+                io.Vae.Input("vae", tooltip="Its VAE (encodes the clips and references once)."),
+                io.Clip.Input("clip", tooltip="Its text encoder (CLIPLoader type cogvideox for CogVideoX, wan "
+                                              "for Wan)."),
                 io.String.Input("dataset_folder", default="customvideox_dataset",
                                 tooltip="Folder of clips, relative to ComfyUI's input folder."),
                 io.String.Input("subject", default="",
@@ -111,7 +114,7 @@ class CustomVideoXTrainAdapter(io.ComfyNode):
                 num_frames: int, frame_stride: int, reference_drop: float, text_drop: float,
                 gradient_checkpointing: bool, checkpoint_every: int, resume: bool, seed: int,
                 reference_timestep: str = "sampling") -> io.NodeOutput:
-        CogVideoX.for_model(model, "CustomVideoXTrainAdapter")
+        adapter_family(model, "CustomVideoXTrainAdapter")
         if not is_safe_file_name(adapter_name):
             raise ValueError(f"CustomVideoXTrainAdapter: adapter_name {adapter_name!r} must be a plain file name "
                              f"(letters, digits, _ . -)")
