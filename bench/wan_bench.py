@@ -1,4 +1,5 @@
-"""Wan benchmark: the cost of biasing Wan Phantom's own reference frame (CustomVideoXReferenceFramesBias).
+"""Wan benchmark: the cost of biasing Wan Phantom's own reference frame (CustomVideoXReferenceFramesBias), and of
+inserting a reference into plain Wan T2V (CustomVideoXApply: two-way and one-way cached) against its FLOP ideal.
 
 One host Wan DiT with one block at real width (Wan 2.1 1.3B: 1536 = 12 heads x 128, FFN 8960; 14B: 5120 =
 40 x 128, FFN 13824) and random weights, loaded by the host (``comfy.sd.load_diffusion_model_state_dict``);
@@ -14,7 +15,23 @@ as the unpatched Phantom run already has them; no tokens are added):
 * ``bias+background``    the same with a subject mask hiding the reference's background (same column mask);
 * ``bias+ERAE mask``     the same plus an ERAE region from a mask (per-video-query bias, folded q/k channel).
 
-Target: biasing the existing frames costs <= +2 % over the unpatched run (only the mask). Times are
+Target: biasing the existing frames costs <= +2 % over the unpatched run (only the mask).
+
+Inserted-reference table (``--inserted``, Wan T2V: the video's latent frames; CustomVideoXApply adds one
+reference latent frame, R = 1560 tokens; strength 1 with the default TAB parabola at progress 0.5, its peak):
+
+* ``T2V unpatched``           the plain text-to-video call;
+* ``two-way TAB``             the reference as a leading frame of the call: Nq = Nk = S + R;
+* ``two-way TAB+ERAE mask``   the same plus an ERAE region from a mask;
+* ``one-way cached TAB``      ``reference_timestep`` clean: the reference's own pass runs once per run (here:
+  in the warm-up call, kept in the run cache every timed call reads), the video reads its K/V: Nq = S,
+  Nk = S + R;
+* ``one-way cached TAB+ERAE mask``.
+
+FLOP model of one Wan block call, batch 1 (C width, F FFN width, L = 512 text tokens): self-attention
+projections 4·2·Nq·C² (one-way: the cached reference needs none), attention 2·2·Nq·Nk·C, cross-attention
+2·2·Nq·C² + 2·2·L·C² + 2·2·Nq·L·C, FFN 2·2·Nq·C·F, text embedding 2·L·(4096·C + C²). Targets (as on
+CogVideoX): two-way measured/ideal <= 1.05, one-way ratio <= 1 + 1.2·(ideal − 1), ERAE <= +5 % over TAB. Times are
 process CPU time with one torch thread (median of interleaved repeats of one whole 1-block DiT call: patch
 embedding, text embedding of 512 tokens, the block, the head). Geometry: 480x832 -> 60x104 latent -> 30x52
 = 1560 tokens per latent frame; ``--frames`` video latent frames (21 = 81 video frames).
@@ -52,8 +69,9 @@ def build(config: dict[str, int], seed: int = 0):
 
 
 def subject_mask() -> torch.Tensor:
-    mask = torch.zeros(1, 480, 832)
-    mask[:, 120:360, 256:576] = 1.0  # the subject in the middle, the rest background
+    h, w = LAT_H * 8, LAT_W * 8
+    mask = torch.zeros(1, h, w)
+    mask[:, h // 4:3 * h // 4, w * 5 // 16:w * 11 // 16] = 1.0  # the subject in the middle, the rest background
     return mask
 
 
@@ -84,27 +102,126 @@ def rows(model, frames: int) -> dict:
     return {name: call(m) for name, m in patched.items()}
 
 
+def inserted_rows(model, frames: int) -> dict:
+    """CustomVideoXApply on Wan T2V through its real path (the wrapper, the override; one-way with its stream)."""
+    wr = bb.pack_module("cvx_host.frames_patch")
+    er = bb.pack_module("cvx_core.entity_region")
+    tab = bb.pack_module("cvx_core.tab_schedule")
+    opt, rc = bb.pack_module("cvx_host.options"), bb.pack_module("cvx_host.run_cache")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 16, frames, LAT_H, LAT_W, generator=g)
+    ref = torch.randn(1, 16, 1, LAT_H, LAT_W, generator=g)  # a VAE latent, as CustomVideoXReferenceEncode gives it
+    ctx = torch.randn(1, TEXT_TOKENS, 4096, generator=g)
+    t = torch.tensor([500.0])
+    region = er.EntityRegion(mode="mask", mask=torch.rand(frames, LAT_H // 2, LAT_W // 2, generator=g), lam=1.0)
+
+    def apply(mode: str, with_region: bool):
+        return wr.apply_wan_reference(
+            model, ref, strength=1.0, schedule=tab.TABSchedule(), region=region if with_region else None,
+            block_start=0, block_end=-1, apply_to_uncond=True, attention_mode=mode, reference_rope="negative",
+            bias_rows="all", reference_timestep="clean" if mode == "one_way" else "sampling", attention_path="mask")
+
+    patched = {
+        "T2V unpatched": model,
+        "two-way TAB": apply("two_way", False),
+        "two-way TAB+ERAE mask": apply("two_way", True),
+        "one-way cached TAB": apply("one_way", False),
+        "one-way cached TAB+ERAE mask": apply("one_way", True),
+    }
+    sigmas = torch.linspace(1.0, 0.0, 51)
+
+    def call(m):
+        # Mid-run (progress 0.5): the TAB parabola at its peak. One run cache per row: the one-way stream is
+        # computed in the warm-up call and read by every timed call, as in the steps of one sampling run.
+        to = dict(m.model_options["transformer_options"], wrappers=m.wrappers, sigmas=sigmas[25:26],
+                  sample_sigmas=sigmas, cond_or_uncond=[0], **{opt.RUN_KEY: rc.RunCache()})
+
+        def run():
+            with torch.no_grad():
+                return m.model.diffusion_model(x, t, ctx, transformer_options=to)
+        return run
+
+    return {name: call(m) for name, m in patched.items()}
+
+
+def wan_block_flops(width: int, ffn: int, nq: int, nk: int, kv_tokens: int) -> float:
+    """The FLOP model in the module docstring (``kv_tokens``: the tokens whose K/V this call projects)."""
+    self_attn = 2 * 2 * nq * width * width + 2 * 2 * kv_tokens * width * width + 2 * 2 * nq * nk * width
+    cross = 2 * 2 * nq * width * width + 2 * 2 * TEXT_TOKENS * width * width + 2 * 2 * nq * TEXT_TOKENS * width
+    text_embedding = 2 * TEXT_TOKENS * (4096 * width + width * width)
+    return self_attn + cross + 2 * 2 * nq * width * ffn + text_embedding
+
+
+def inserted_table(name: str, cfg: dict, frames: int, repeats: int) -> dict:
+    model = build(cfg)
+    times = bb.time_rows(inserted_rows(model, frames), repeats=repeats, warmup=1, device=torch.device("cpu"))
+    width, ffn = cfg["heads"] * 128, cfg["ffn_dim"]
+    s, r = frames * (LAT_H // 2) * (LAT_W // 2), (LAT_H // 2) * (LAT_W // 2)
+    base_f = wan_block_flops(width, ffn, s, s, s)
+    ideal = {"T2V unpatched": 1.0, "two-way TAB": wan_block_flops(width, ffn, s + r, s + r, s + r) / base_f,
+             "one-way cached TAB": wan_block_flops(width, ffn, s, s + r, s) / base_f}
+    ideal["two-way TAB+ERAE mask"], ideal["one-way cached TAB+ERAE mask"] = ideal["two-way TAB"], ideal["one-way cached TAB"]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["T2V unpatched"]
+    print(f"\nWan {name} T2V + inserted reference ({width} = {cfg['heads']} x 128, FFN {ffn}), {frames} video latent "
+          f"frame(s) = {s} tokens + R = {r}, {repeats} repeats")
+    print(f"  {'row':<30} {'s':>7} {'min-max s':>13} {'ratio':>6} {'ideal':>6} {'meas/id':>7}")
+    for row, sec in med.items():
+        lo, hi = min(times[row]), max(times[row])
+        print(f"  {row:<30} {sec:7.2f} {lo:6.2f}-{hi:<6.2f} {sec / base:6.3f} {ideal[row]:6.3f} "
+              f"{sec / base / ideal[row]:7.3f}")
+    two, one = med["two-way TAB"] / base, med["one-way cached TAB"] / base
+    one_target = 1 + 1.2 * (ideal["one-way cached TAB"] - 1)
+    e2 = med["two-way TAB+ERAE mask"] / med["two-way TAB"] - 1
+    e1 = med["one-way cached TAB+ERAE mask"] / med["one-way cached TAB"] - 1
+    print(f"SUMMARY {name} inserted: two-way meas/ideal {two / ideal['two-way TAB']:.3f} (target <= 1.05); one-way "
+          f"ratio {one:.3f} vs target <= {one_target:.3f}; ERAE over TAB two-way {e2 * 100:+.1f}%, one-way "
+          f"{e1 * 100:+.1f}% (target <= 5%)")
+    del model
+    return med
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="1 video latent frame, 3 repeats (1.3B) / 2 (14B)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the suite's smoke run: a 256-wide block on a 64x96 video, 1 frame, 1 repeat (no numbers)")
     ap.add_argument("--frames", type=int, default=21, help="video latent frames (21 = 81 frames)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--widths", default="1.3B,14B")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table", choices=("phantom", "inserted", "both"), default="both",
+                    help="Phantom's own frames biased, a reference inserted into T2V, or both")
+    ap.add_argument("--inserted-frames", type=int, default=None,
+                    help="video latent frames of the inserted-reference table (default: --frames)")
     args = ap.parse_args(argv)
+    if args.tiny:  # every row through the real path in seconds; its times mean nothing
+        global LAT_H, LAT_W
+        LAT_H, LAT_W = 8, 12
+        WIDTHS["tiny"] = {"heads": 2, "ffn_dim": 512}
+        args.widths, args.smoke, args.repeats = "tiny", True, 1
     frames = 1 if args.smoke else args.frames
     bb.boot_host()
     torch.set_num_threads(args.threads)
     print(bb.environment_line())
+    if args.tiny:
+        print("smoke (tiny, not a measurement)")
     tokens = (frames + 1) * (LAT_H // 2) * (LAT_W // 2)
-    print(f"geometry: 480x832, {frames} video latent frame(s) + 1 reference frame = {tokens} self-attention "
-          f"tokens (1560 per frame), {TEXT_TOKENS} text tokens, batch 1, fp32, 1 block")
+    print(f"geometry: {LAT_H * 8}x{LAT_W * 8}, {frames} video latent frame(s) + 1 reference frame = {tokens} "
+          f"self-attention tokens ({(LAT_H // 2) * (LAT_W // 2)} per frame), {TEXT_TOKENS} text tokens, batch 1, "
+          f"fp32, 1 block")
     table = {}
     start = time.perf_counter()
+    if args.table in ("inserted", "both"):
+        for name in args.widths.split(","):
+            repeats = args.repeats if args.tiny or not args.smoke else (3 if name == "1.3B" else 2)
+            inserted_table(name, WIDTHS[name], 1 if args.smoke else (args.inserted_frames or args.frames), repeats)
+    if args.table == "inserted":
+        return
     for name in args.widths.split(","):
         cfg = WIDTHS[name]
         model = build(cfg)
-        repeats = (3 if name == "1.3B" else 2) if args.smoke else args.repeats
+        repeats = args.repeats if args.tiny or not args.smoke else (3 if name == "1.3B" else 2)
         times = bb.time_rows(rows(model, frames), repeats=repeats, warmup=1, device=torch.device("cpu"))
         table[name] = {k: statistics.median(v) for k, v in times.items()}
         spread = {k: (min(v), max(v)) for k, v in times.items()}

@@ -103,6 +103,6 @@ def backbone_for(model: Any, node: str) -> Backbone:
     for cls in FAMILIES:
         if cls.recognises(dm):
             return cls(dm)
-    names = ", ".join(cls.family for cls in FAMILIES)
+    names = ", ".join(sorted(cls.family for cls in FAMILIES))
     raise PatchError(f"{node} model: the MODEL is a {type(dm).__name__} ({type(model.model).__name__}), which the "
                      f"pack does not handle; handled families: {names}")

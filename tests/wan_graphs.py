@@ -76,3 +76,16 @@ def tiny_t2v(wan_files) -> dict:
     p[nodes_of(p, "EmptyHunyuanLatentVideo")]["inputs"].update(SIZE)
     p[nodes_of(p, "CustomVideoXReferenceEncode")]["inputs"].update(width=SIZE["width"], height=SIZE["height"])
     return p
+
+
+def assert_decoded(result, sampler: str, decode: str) -> None:
+    """A tiny Wan run's sampled latent (the video only, no reference frame), decoded frames and mp4 all have the
+    tiny video's size and frame count."""
+    import torch
+    from workflow_tools import decode_mp4
+
+    latent = result.output(sampler)["samples"]
+    assert tuple(latent.shape) == LATENT and torch.isfinite(latent).all()
+    assert tuple(result.output(decode).shape) == (SIZE["length"], SIZE["height"], SIZE["width"], 3)
+    (mp4,) = [f for f in result.files if f.suffix == ".mp4"]
+    assert decode_mp4(mp4) == (SIZE["length"], SIZE["width"], SIZE["height"], "h264")

@@ -414,13 +414,7 @@ class OneWayProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         cross = encoder_hidden_states is not None
-        src = encoder_hidden_states if cross else hidden_states
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(src)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(src).unflatten(2, (attn.heads, -1))
-        if not cross:
-            q, k = wo.rope(q, *rotary_emb), wo.rope(k, *rotary_emb)
-        q, k, v = (a.transpose(1, 2) for a in (q, k, v))
+        q, k, v = wo.projections(attn, hidden_states, encoder_hidden_states, lambda t: wo.rope(t, *rotary_emb))
         logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         if not cross:
             logits[:, :, :HW, HW:] = -math.inf

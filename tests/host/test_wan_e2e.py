@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import workflow_tools as wt
-from wan_graphs import LATENT, SIZE, latent_only, nodes_of, tiny_phantom, tiny_wan
+from wan_graphs import LATENT, SIZE, assert_decoded, latent_only, nodes_of, tiny_phantom, tiny_wan
 from workflow_tools import decode_mp4
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,11 +23,7 @@ def test_phantom_tab_workflow_decodes_an_mp4(host, wan_files):
     prompt = tiny_phantom(wan_files)
     sampler, decode = nodes_of(prompt, "KSampler"), nodes_of(prompt, "VAEDecode")
     result = host.run(prompt, capture=[sampler, decode])
-    latent = result.output(sampler)["samples"]
-    assert tuple(latent.shape) == LATENT and torch.isfinite(latent).all()
-    assert tuple(result.output(decode).shape) == (SIZE["length"], SIZE["height"], SIZE["width"], 3)
-    (mp4,) = [f for f in result.files if f.suffix == ".mp4"]
-    assert decode_mp4(mp4) == (SIZE["length"], SIZE["width"], SIZE["height"], "h264")
+    assert_decoded(result, sampler, decode)
 
 
 def test_strength_one_without_schedule_is_the_unpatched_phantom_graph(host, wan_files):

@@ -17,6 +17,7 @@ import math
 import pytest
 import tiny_wan as tw
 import torch
+from test_wan_oracle import projections
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 T, H, W = 3, 8, 10  # latent frames and size: 4 x 5 tokens per frame
@@ -77,13 +78,7 @@ class Processor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         cross = encoder_hidden_states is not None
-        src = encoder_hidden_states if cross else hidden_states
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(src)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(src).unflatten(2, (attn.heads, -1))
-        if not cross:
-            q, k = self.rope(q), self.rope(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        q, k, v = projections(attn, hidden_states, encoder_hidden_states, self.rope)
         if cross and self.oracle.auto and self.block == self.oracle.auto[0]:
             self.entity_map(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
         out = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])

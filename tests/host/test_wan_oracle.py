@@ -63,19 +63,28 @@ class Spec:
         return bias
 
 
+def projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                rope_fn=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, H, S, D]`` of one diffusers Wan attention call, as its own processor computes them
+    (``rope_fn`` rotates the self-attention's q and k)."""
+    cross = encoder_hidden_states is not None
+    src = encoder_hidden_states if cross else hidden_states
+    q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+    k = attn.norm_k(attn.to_k(src)).unflatten(2, (attn.heads, -1))
+    v = attn.to_v(src).unflatten(2, (attn.heads, -1))
+    if not cross and rope_fn is not None:
+        q, k = rope_fn(q), rope_fn(k)
+    return tuple(t.transpose(1, 2) for t in (q, k, v))
+
+
 class DenseBiasProcessor:
     def __init__(self, block: int, spec: Spec):
         self.block, self.spec = block, spec
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         cross = encoder_hidden_states is not None
-        src = encoder_hidden_states if cross else hidden_states
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(src)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(src).unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            q, k = rope(q, *rotary_emb), rope(k, *rotary_emb)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        q, k, v = projections(attn, hidden_states, encoder_hidden_states,
+                              None if rotary_emb is None else (lambda t: rope(t, *rotary_emb)))
         logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         if cross:
             if self.spec.auto and self.spec.auto[0] <= self.block <= self.spec.last_map_block:

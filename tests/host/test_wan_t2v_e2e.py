@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import workflow_tools as wt
-from wan_graphs import LATENT, SIZE, latent_only, nodes_of, tiny_t2v
-from workflow_tools import decode_mp4
+from wan_graphs import LATENT, assert_decoded, latent_only, nodes_of, tiny_t2v
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAME = "wan_t2v_reference"
@@ -65,11 +64,7 @@ def test_t2v_reference_workflow_decodes_an_mp4(host, wan_files):
     result = host.run(prompt, capture=[sampler, encode, decode])
     reference = result.output(encode)
     assert reference.family == "Wan2.1" and tuple(reference.latent.shape) == (1, 16, 1, *LATENT[3:])
-    latent = result.output(sampler)["samples"]
-    assert tuple(latent.shape) == LATENT and torch.isfinite(latent).all()  # the reference frame is not in the output
-    assert tuple(result.output(decode).shape) == (SIZE["length"], SIZE["height"], SIZE["width"], 3)
-    (mp4,) = [f for f in result.files if f.suffix == ".mp4"]
-    assert decode_mp4(mp4) == (SIZE["length"], SIZE["width"], SIZE["height"], "h264")
+    assert_decoded(result, sampler, decode)
 
 
 def test_strength_zero_is_the_graph_without_apply_and_the_shipped_strength_acts(host, wan_files):
