@@ -336,7 +336,7 @@ CASES = [
          "apply2", ("'one_way'", "'two_way'"), starts="CustomVideoXApply attention_mode:"),
     Case("wrong_model_into_adapter_loader", lambda c: _adapter_on(c, {"class_type": "CVXTestForeignModel",
                                                                       "inputs": {"arch": "wan21", "seed": 0}}),
-         "execution", "adapter", ("CustomVideoXAdapterLoader", "not CogVideoX")),
+         "execution", "adapter", ("CustomVideoXAdapterLoader", "lora_name", "is for CogVideoX, not Wan")),
     # -- model / adapter files
     Case("model_file_truncated", lambda c: model_file(c, "cvx_bad_truncated.safetensors"), "execution",
          graphs.MODEL, ("CustomVideoXModelLoader", "model_name", "cvx_bad_truncated.safetensors")),
