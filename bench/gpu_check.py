@@ -35,9 +35,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cvx_core.reference_attention import reference_attention_lse  # noqa: E402
-from cvx_core.token_layout import TokenLayout  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from pack_import import pack_module  # noqa: E402  (the pack as the package `customvideox`; no host needed)
+
+pack_module()
+from customvideox.cvx_core.reference_attention import reference_attention_lse  # noqa: E402
+from customvideox.cvx_core.token_layout import TokenLayout  # noqa: E402
 
 HEADS, HEAD_DIM, TEXT, PER_FRAME = 48, 64, 226, 1350
 SMOKE_HEADS, SMOKE_TEXT, SMOKE_PER_FRAME = 2, 16, 20  # --smoke: 2 heads x 64, 16 text and 20 tokens per frame

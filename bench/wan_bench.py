@@ -163,8 +163,9 @@ def inserted_table(name: str, cfg: dict, frames: int, repeats: int) -> dict:
     ideal["two-way TAB+ERAE mask"], ideal["one-way cached TAB+ERAE mask"] = ideal["two-way TAB"], ideal["one-way cached TAB"]
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["T2V unpatched"]
-    print(f"\nWan {name} T2V + inserted reference ({width} = {cfg['heads']} x 128, FFN {ffn}), {frames} video latent "
-          f"frame(s) = {s} tokens + R = {r}, {repeats} repeats")
+    print(f"\nWan {name} T2V + inserted reference ({width} = {cfg['heads']} x 128, FFN {ffn}), {LAT_H * 8}x{LAT_W * 8}, "
+          f"{frames} video latent frame(s) = {s} tokens + R = {r}, {TEXT_TOKENS} text tokens, batch 1, fp32, 1 block, "
+          f"{repeats} repeats")
     print(f"  {'row':<30} {'s':>7} {'min-max s':>13} {'ratio':>6} {'ideal':>6} {'meas/id':>7}")
     for row, sec in med.items():
         lo, hi = min(times[row]), max(times[row])
@@ -206,10 +207,6 @@ def main(argv: list[str] | None = None) -> None:
     print(bb.environment_line())
     if args.tiny:
         print("smoke (tiny, not a measurement)")
-    tokens = (frames + 1) * (LAT_H // 2) * (LAT_W // 2)
-    print(f"geometry: {LAT_H * 8}x{LAT_W * 8}, {frames} video latent frame(s) + 1 reference frame = {tokens} "
-          f"self-attention tokens ({(LAT_H // 2) * (LAT_W // 2)} per frame), {TEXT_TOKENS} text tokens, batch 1, "
-          f"fp32, 1 block")
     table = {}
     start = time.perf_counter()
     if args.table in ("inserted", "both"):
@@ -218,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
             inserted_table(name, WIDTHS[name], 1 if args.smoke else (args.inserted_frames or args.frames), repeats)
     if args.table == "inserted":
         return
+    tokens = (frames + 1) * (LAT_H // 2) * (LAT_W // 2)
+    print(f"\nPhantom table: {LAT_H * 8}x{LAT_W * 8}, {frames} video latent frame(s) + 1 reference frame = {tokens} "
+          f"self-attention tokens ({(LAT_H // 2) * (LAT_W // 2)} per frame), {TEXT_TOKENS} text tokens, batch 1, "
+          f"fp32, 1 block")
     for name in args.widths.split(","):
         cfg = WIDTHS[name]
         model = build(cfg)

@@ -25,7 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cvx_core.metrics import clip_text_embedder
+from customvideox.cvx_core.metrics import clip_text_embedder
 
 from .host_backend import HostBackend, default_comfyui_dir, missing_models, register_tiny_models
 from .runner import RunOptions, run_suite

@@ -18,11 +18,6 @@ DEV_NODES_DIR = REPO_ROOT / "devnodes"
 LEGACY_FOLDERS = {"diffusion_models": "unet", "text_encoders": "clip", "vae": "vae"}
 
 
-def _scripts() -> None:
-    if str(REPO_ROOT / "scripts") not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT / "scripts"))
-
-
 class HostBackend:
     """The real ComfyUI host in this process: its node registry (this pack included) and PromptExecutor.
 
@@ -41,7 +36,6 @@ class HostBackend:
         self._host: Any = None
 
     def start(self) -> HostBackend:
-        _scripts()
         import host_boot
 
         if "comfy.cli_args" not in sys.modules:
@@ -116,7 +110,6 @@ def missing_models(suite: Suite, models: Models, yamls: Sequence[Path], comfyui_
     """One line per model file the suite's workflow (or --model/--vae/--t5) names that is in none of the
     host's model folders (its own models/, this repo's and the extra_model_paths yaml files'), with where to
     get it."""
-    _scripts()
     import model_files as mf
 
     api = json.loads((REPO_ROOT / suite.workflow if not Path(suite.workflow).is_absolute()
@@ -143,7 +136,6 @@ def missing_models(suite: Suite, models: Models, yamls: Sequence[Path], comfyui_
 def register_tiny_models() -> None:
     """The tiny random test model and VAE (built once into .host/tiny_models, where `make run` keeps them,
     outside the folders the web UI lists) added to the booted host's model folders."""
-    _scripts()
     import folder_paths
     import tiny_models
 

@@ -10,11 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from customvideox.cvx_core import metrics as M
+from customvideox.cvx_core.image_ops import contact_sheet
+from customvideox.cvx_core.plots import bar_chart_image
 from PIL import Image
-
-from cvx_core import metrics as M
-from cvx_core.image_ops import contact_sheet
-from cvx_core.plots import bar_chart_image
 
 from .suite import Suite
 

@@ -20,9 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-
-from cvx_core import metrics as M
-from cvx_core.image_ops import frame_strip, png_bytes
+from customvideox.cvx_core import metrics as M
+from customvideox.cvx_core.image_ops import frame_strip, png_bytes
 
 from .report import atomic_write, write_reports
 from .suite import REPO_ROOT, Case, Models, Suite, load_mask, load_subject_image, patch_workflow

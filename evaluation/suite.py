@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from cvx_core import metrics as M
+from customvideox.cvx_core import metrics as M
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORKFLOW = "workflows/api/subject_to_video_void.json"

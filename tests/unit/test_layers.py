@@ -57,17 +57,20 @@ print("ok", len({modules!r}))
 
 
 def test_tests_import_the_pack_one_way() -> None:
-    """Tests reach the pack only as ``customvideox.*`` (the module objects the host's nodes use): no top-level
-    ``cvx_core``/``cvx_host``/``nodes`` import, no second loader, no ``sys.path`` edits."""
+    """Tests and the tools around the pack (bench, evaluation, scripts, devnodes) reach the pack only as
+    ``customvideox.*``, the module objects the host's nodes use: no top-level ``cvx_core``/``cvx_host`` import.
+    Tests also use no second loader (conftest registers the package once) and make no ``sys.path`` edits."""
     bad = []
-    for path in sorted((REPO / "tests").rglob("*.py")):
+    for path in sorted(p for d in ("tests", "bench", "evaluation", "scripts", "devnodes")
+                       for p in (REPO / d).rglob("*.py")):
         if path.name == "test_layers.py":
             continue
-        text = path.read_text(encoding="utf-8")
-        for n, line in enumerate(text.splitlines(), 1):
+        in_tests = path.relative_to(REPO).parts[0] == "tests"
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             s = line.strip()
-            if (s.startswith(("from cvx_core", "import cvx_core", "from cvx_host", "import cvx_host"))
-                    or ("pack_module(" in s and path.name != "conftest.py")  # conftest registers the package
-                    or "host.pack(" in s or s.startswith("sys.path.insert")):
+            top_level = s.startswith(("from cvx_core", "import cvx_core", "from cvx_host", "import cvx_host"))
+            second_route = in_tests and (("pack_module(" in s and path.name != "conftest.py") or "host.pack(" in s
+                                         or s.startswith("sys.path.insert"))
+            if top_level or second_route:
                 bad.append(f"{path.relative_to(REPO)}:{n}: {s}")
     assert not bad, "\n".join(bad)
