@@ -104,7 +104,7 @@ def rows(model, frames: int) -> dict:
 
 def inserted_rows(model, frames: int) -> dict:
     """CustomVideoXApply on Wan T2V through its real path (the wrapper, the override; one-way with its stream)."""
-    wr = bb.pack_module("cvx_host.frames_patch")
+    wi = bb.pack_module("cvx_host.wan_insert")
     er = bb.pack_module("cvx_core.entity_region")
     tab = bb.pack_module("cvx_core.tab_schedule")
     opt, rc = bb.pack_module("cvx_host.options"), bb.pack_module("cvx_host.run_cache")
@@ -116,7 +116,7 @@ def inserted_rows(model, frames: int) -> dict:
     region = er.EntityRegion(mode="mask", mask=torch.rand(frames, LAT_H // 2, LAT_W // 2, generator=g), lam=1.0)
 
     def apply(mode: str, with_region: bool):
-        return wr.apply_wan_reference(
+        return wi.apply_wan_reference(
             model, ref, strength=1.0, schedule=tab.TABSchedule(), region=region if with_region else None,
             block_start=0, block_end=-1, apply_to_uncond=True, attention_mode=mode, reference_rope="negative",
             bias_rows="all", reference_timestep="clean" if mode == "one_way" else "sampling", attention_path="mask")

@@ -1,4 +1,5 @@
-"""TAB/ERAE on the reference frames a native Wan model already carries (Phantom, VACE).
+"""The Wan patch: TAB/ERAE on the reference frames a native Wan model already carries (Phantom, VACE), and
+on the references CustomVideoXApply inserts into Wan T2V (:mod:`.wan_insert`), which it biases the same way.
 
 ``apply_frames_bias(model, entry)`` returns a patched clone of a host ``ModelPatcher`` with:
 
@@ -26,30 +27,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
 import comfy.patcher_extension as pe
 import torch
-from comfy.model_sampling import CONST
 
-from ..cvx_core.entity_region import EntityRegion, entity_attention, mask_to_token_map
+from ..cvx_core.entity_region import entity_attention, mask_to_token_map
 from ..cvx_core.frame_layout import FrameLayout, background_column_bias, row_biases, subject_tokens
 from ..cvx_core.reference_attention import column_bias, reference_attention
-from ..cvx_core.reference_timestep import REFERENCE_TIMESTEPS
-from ..cvx_core.rope import REF_ROPE_MODES
-from ..cvx_core.tab_schedule import TABSchedule
 from ..cvx_core.token_layout import TokenLayout
 from . import options
 from . import wan_reference_stream as stream
-from .entries import MODES, BiasSettings, check_blocks, check_stackable
+from .entries import BiasSettings
 from .errors import PatchError
 from .progress import call_progress
 from .run_cache import AutoMaps, estimate_with_extra_frames, install_run_cache, positive_maps
-from .wan import CallOrder, Wan, check_self_call, is_vace, timestep_with_references, to_heads
-
-# What every CustomVideoXApply on one Wan model shares: one attention layout and one RoPE table per call.
-WAN_SHARED_SETTINGS = (("mode", "attention_mode"), ("ref_rope", "reference_rope"))
+from .wan import CallOrder, Wan, check_self_call, timestep_with_references, to_heads
 
 NODE = "CustomVideoXReferenceFramesBias"
 
@@ -342,28 +336,7 @@ def apply_frames_bias(model, entry: FramesEntry):
                          f"frames with CustomVideoXApply's own strength/schedule/region, or use {NODE} on a "
                          f"Phantom/VACE graph without CustomVideoXApply")
     to[options.FRAMES_ENTRIES_KEY] = entries + [entry]
-    _install(m)
-    return m
-
-
-def apply_inserted_reference(model, latent: torch.Tensor, entry: FramesEntry, node: str = "CustomVideoXApply"):
-    """A patched clone of a Wan T2V ``model`` with the reference ``latent`` ``[N, C, 1, h, w]`` (the model's
-    latent format) inserted as N leading latent frames of every model call, biased by ``entry``."""
-    m = model.clone()
-    Wan.for_model(m, node)
-    to = options.model_options(m)
-    entries = list(to.get(options.FRAMES_ENTRIES_KEY) or [])
-    if any(e.frames is None for e in entries):
-        raise PatchError(f"{node} model: this MODEL is already patched by {NODE} (Phantom/VACE reference frames); "
-                         f"put CustomVideoXApply on a plain Wan text-to-video model instead")
-    if entries:
-        check_stackable(entries[0], entry, WAN_SHARED_SETTINGS)
-    inserted = list(to.get(options.INSERTED_FRAMES_KEY) or [])
-    start = len(inserted)
-    to[options.INSERTED_FRAMES_KEY] = inserted + [latent[i:i + 1] for i in range(latent.shape[0])]
-    to[options.FRAMES_ENTRIES_KEY] = entries + [replace(entry, frames=(start, start + latent.shape[0]))]
-    _install(m)
-    stream.install_rope(m)
+    install(m)
     return m
 
 
@@ -373,7 +346,8 @@ def _prepare_sampling_wrapper(executor, model, noise_shape, *args, **kwargs):
     return estimate_with_extra_frames(executor, model, noise_shape, extra, *args, **kwargs)
 
 
-def _install(m) -> None:
+def install(m) -> None:
+    """The Wan patch's wrappers and attention override on the clone ``m`` (once)."""
     if m.get_wrappers(pe.WrappersMP.DIFFUSION_MODEL, options.FRAMES_WRAPPER_KEY):
         return
     to = options.model_options(m)
@@ -381,44 +355,3 @@ def _install(m) -> None:
     m.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, options.FRAMES_WRAPPER_KEY, _prepare_sampling_wrapper)
     install_run_cache(m)  # TAB progress by noise level reads the run's percent_to_sigma
     to[options.ATTENTION_OVERRIDE_KEY] = FramesAttentionOverride(to.get(options.ATTENTION_OVERRIDE_KEY))
-
-
-
-def apply_wan_reference(model, latent: torch.Tensor, *, strength: float, schedule: TABSchedule | None,
-                        region: EntityRegion | None, block_start: int, block_end: int, apply_to_uncond: bool,
-                        attention_mode: str, reference_rope: str, bias_rows: str, reference_timestep: str,
-                        attention_path: str, node: str = "CustomVideoXApply"):
-    """CustomVideoXApply on a Wan text-to-video MODEL: the encoded reference joins the video's self-attention
-    (Wan has no text there): two-way as leading frames of every call, one-way as cached key columns from its
-    own stream (:mod:`.wan_reference_stream`), at the temporal slot ``reference_rope`` names; biased like
-    Phantom's and VACE's frames. Settings Wan cannot honour yet are errors naming the input."""
-    wan = Wan.for_model(model, node)
-    unsupported = {
-        "bias_rows": (bias_rows, "all", "'video' is not built for Wan yet"),
-        "attention_path": (attention_path, "mask", "the fused 'lse' path is not built for Wan yet"),
-    }
-    for name, (value, ok, why) in unsupported.items():
-        if value != ok:
-            raise PatchError(f"{node} {name}: {value!r} on a Wan model: {why}; use {ok!r}")
-    choices = {"attention_mode": (attention_mode, MODES), "reference_rope": (reference_rope, REF_ROPE_MODES),
-               "reference_timestep": (reference_timestep, REFERENCE_TIMESTEPS)}
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise PatchError(f"{node} {name}: {value!r} is not one of {allowed}")
-    if reference_timestep == "clean" and attention_mode == "two_way":
-        raise PatchError(f"{node} reference_timestep: 'clean' needs attention_mode 'one_way': in two_way the "
-                         f"reference frames share the video's batch row, and Wan modulates every token of a row "
-                         f"with the sampling timestep; choose one_way, or reference_timestep 'sampling' or 'noised'")
-    if reference_timestep == "noised" and not isinstance(model.get_model_object("model_sampling"), CONST):
-        raise PatchError(f"{node} reference_timestep: 'noised' noises the reference as a rectified-flow model "
-                         f"(Wan's own sampling); this MODEL's sampling is "
-                         f"{type(model.get_model_object('model_sampling')).__name__}: remove the sampling node "
-                         f"that changed it, or choose 'sampling'")
-    if attention_mode == "one_way" and is_vace(wan.dm):
-        raise PatchError(f"{node} attention_mode: 'one_way' on a Wan VACE model is not built (its VACE blocks "
-                         f"attend over the video too); use 'two_way', or a plain Wan text-to-video model")
-    entry = FramesEntry(strength=strength, schedule=schedule, region=region, block_start=block_start,
-                        block_end=block_end, apply_to_uncond=apply_to_uncond, mode=attention_mode,
-                        ref_rope=reference_rope, reference_timestep=reference_timestep)
-    check_blocks(wan.num_blocks, entry, node)
-    return apply_inserted_reference(model, wan.prepare_reference(model, latent, node), entry, node)

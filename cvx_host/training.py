@@ -20,8 +20,9 @@ from . import options
 from .adapters import adapter_family, apply_reference_adapter, module_shapes
 from .cogvideox import CogVideoX
 from .entries import ReferenceEntry
-from .frames_patch import FramesEntry, apply_inserted_reference
+from .frames_patch import FramesEntry
 from .reference_patch import install
+from .wan_insert import apply_inserted_reference
 
 NODE = "CustomVideoXTrainAdapter"
 # (patched model, reference_timestep) -> (the model to train on, reference [1,C,1,h,w] -> the call's options)

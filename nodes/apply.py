@@ -10,9 +10,9 @@ from ..cvx_host.backbone import backbone_for, check_reference_family
 from ..cvx_host.cogvideox import CogVideoX
 from ..cvx_host.entries import ATTENTION_PATHS, BIAS_ROWS, MODES, ReferenceEntry, check_blocks
 from ..cvx_host.errors import PatchError
-from ..cvx_host.frames_patch import apply_wan_reference
 from ..cvx_host.reference_patch import apply_reference
 from ..cvx_host.wan import Wan
+from ..cvx_host.wan_insert import apply_wan_reference
 from .types import CATEGORY, CVXReference, CVXRegion, CVXSchedule, EncodedReference
 
 
