@@ -90,12 +90,13 @@ def test_wan_bench_tiny_every_row_of_both_tables() -> None:
     row through the pack's real path at a tiny width; the FLOP ideals are the model's known answers."""
     out = ok(run_bench("wan_bench.py", "--tiny"))
     assert "smoke (tiny, not a measurement)" in out, out
-    rows = dict(re.findall(r"^  (T2V unpatched|two-way TAB\+ERAE mask|two-way TAB|one-way cached TAB\+ERAE mask|"
+    rows = dict(re.findall(r"^  (T2V unpatched \+1 frame|T2V unpatched|two-way TAB\+ERAE mask|two-way TAB|one-way cached TAB\+ERAE mask|"
                            r"one-way cached TAB)\s+\S+\s+\S+\s+\S+\s+(\S+)", out, re.M))
-    assert set(rows) == {"T2V unpatched", "two-way TAB", "two-way TAB+ERAE mask", "one-way cached TAB",
+    assert set(rows) == {"T2V unpatched", "T2V unpatched +1 frame", "two-way TAB", "two-way TAB+ERAE mask", "one-way cached TAB",
                          "one-way cached TAB+ERAE mask"}, out
     # 24 video tokens + 24 reference tokens: two-way costs more than the plain call, one-way only its attention.
     assert float(rows["T2V unpatched"]) == 1.0 and float(rows["two-way TAB"]) > float(rows["one-way cached TAB"]) >= 1.0
+    assert rows["T2V unpatched +1 frame"] == rows["two-way TAB"]  # as many tokens: the same ideal
     for row in ("unpatched", "bias", "bias+background", "bias+ERAE mask"):
         assert re.search(rf"^  {re.escape(row)}\s+\d", out, re.M), f"row {row!r} missing:\n{out}"
     assert "SUMMARY tiny inserted: two-way meas/ideal" in out and "SUMMARY ratio over unpatched Phantom" in out, out
