@@ -58,6 +58,12 @@ def _sampler_values(nodes: dict[int, dict], links: dict[int, dict], nid: int) ->
     return values
 
 
+def samplers_of(p: dict) -> tuple[str, str]:
+    """The two KSamplerAdvanced: high-noise (the first), low-noise."""
+    high, low = sorted((n for n in p if p[n]["class_type"] == "KSamplerAdvanced"), key=int)
+    return high, low
+
+
 def _download(entry: dict) -> tuple[str, str, str]:
     """A download entry up to the repository: Comfy-Org publishes the same umT5 and VAE files in its Wan 2.1 and
     2.2 repositories, and the shipped Wan examples share the Wan 2.1 ones (the Wan 2.1 templates' entries)."""
@@ -83,11 +89,16 @@ def test_a14b_example_is_the_host_template_with_the_reference_on_both_experts():
     (t_low,) = [nid for nid, n in nodes.items() if n["type"] == "KSamplerAdvanced" and nid != t_high]
     (latent,) = [n for n in nodes.values() if n["type"] == "EmptyHunyuanLatentVideo"]
     fps = [n["widgets_values"][0] for n in nodes.values() if n.get("title") in ("Float (FPS)", "Float (Duration)")]
-    assert (api["14"]["inputs"]["width"], api["14"]["inputs"]["height"]) == tuple(latent["widgets_values"][:2])
-    assert api["14"]["inputs"]["length"] == int(fps[0] * fps[1]) + 1  # the template's floor(a * b) + 1
+    ours_latent, encode = (api[nodes_of(api, t)]["inputs"] for t in ("EmptyHunyuanLatentVideo",
+                                                                      "CustomVideoXReferenceEncode"))
+    assert (ours_latent["width"], ours_latent["height"]) == tuple(latent["widgets_values"][:2])
+    assert (encode["width"], encode["height"]) == (ours_latent["width"], ours_latent["height"])
+    assert ours_latent["length"] == int(fps[0] * fps[1]) + 1  # the template's floor(a * b) + 1
+    (negative,) = [n["widgets_values"][0] for n in nodes.values() if "Negative" in (n.get("title") or "")]
+    assert api[api[samplers_of(api)[0]]["inputs"]["negative"][0]]["inputs"]["text"] == negative
     # Each expert: UNETLoader -> Apply -> ModelSamplingSD3 (the template's shift) -> its KSamplerAdvanced.
     (shift,) = {n["widgets_values"][0] for n in nodes.values() if n["type"] == "ModelSamplingSD3"}
-    samplers = [n for n in api if api[n]["class_type"] == "KSamplerAdvanced"]
+    samplers = samplers_of(api)
     for loader, sampler, t_sampler in zip(("1", "2"), samplers, (t_high, t_low), strict=True):
         ms = api[sampler]["inputs"]["model"][0]
         apply = api[ms]["inputs"]["model"][0]
@@ -120,15 +131,12 @@ def tiny_a14b(wan_files) -> dict:
     p[low_loader]["inputs"]["unet_name"] = LOW_FILE
     p[nodes_of(p, "EmptyHunyuanLatentVideo")]["inputs"].update(SIZE)
     p[nodes_of(p, "CustomVideoXReferenceEncode")]["inputs"].update(width=SIZE["width"], height=SIZE["height"])
-    high, low_s = sorted((n for n in p if p[n]["class_type"] == "KSamplerAdvanced"), key=int)
+    high, low_s = samplers_of(p)
     p[high]["inputs"].update(steps=STEPS, end_at_step=SPLIT)
     p[low_s]["inputs"].update(steps=STEPS, start_at_step=SPLIT)
     return p
 
 
-def _samplers(p: dict) -> tuple[str, str]:
-    high, low = sorted((n for n in p if p[n]["class_type"] == "KSamplerAdvanced"), key=int)
-    return high, low
 
 
 @pytest.fixture
@@ -166,14 +174,14 @@ def _by_model(calls: list[tuple[int, float]]) -> list[list[float]]:
 
 def _latent_only(p: dict) -> dict:
     p = {k: v for k, v in copy.deepcopy(p).items() if v["class_type"] not in ("VAEDecode", "CreateVideo", "SaveVideo")}
-    p["99"] = {"class_type": "CVXTestSaveTensor", "inputs": {"value": [_samplers(p)[1], 0], "name": "latent"}}
+    p["99"] = {"class_type": "CVXTestSaveTensor", "inputs": {"value": [samplers_of(p)[1], 0], "name": "latent"}}
     return p
 
 
 def _one_sampler(p: dict) -> dict:
     """The same graph sampled by the high-noise sampler alone, all STEPS steps (the curve's reference)."""
     p = copy.deepcopy(p)
-    high, low = _samplers(p)
+    high, low = samplers_of(p)
     p[high]["inputs"].update(end_at_step=10000, return_with_leftover_noise="disable")
     p["99"]["inputs"]["value"] = [high, 0]
     del p[low]
@@ -190,7 +198,7 @@ def _split_and_whole(host, record_taus, p: dict) -> tuple[list[list[float]], lis
     """τ per call of the split run (per expert) and of the one-sampler run. A seed of its own makes the host run
     the samplers again rather than reuse an earlier test's cached outputs (τ depends on the sigmas only)."""
     p = copy.deepcopy(p)
-    p[_samplers(p)[0]]["inputs"]["noise_seed"] = next(SEEDS)
+    p[samplers_of(p)[0]]["inputs"]["noise_seed"] = next(SEEDS)
     host.run(p)
     split = _by_model(record_taus)
     record_taus.clear()
@@ -206,7 +214,7 @@ def _continues(split: list[list[float]], whole: list[float]) -> bool:
 
 
 def test_a14b_workflow_decodes_an_mp4(host, tiny_a14b, record_taus):
-    high, low = _samplers(tiny_a14b)
+    high, low = samplers_of(tiny_a14b)
     encode, decode = nodes_of(tiny_a14b, "CustomVideoXReferenceEncode"), nodes_of(tiny_a14b, "VAEDecode")
     result = host.run(tiny_a14b, capture=[high, low, encode, decode])
     assert result.output(encode).family == "Wan2.1"
