@@ -64,6 +64,7 @@ TEMPLATE_TITLES = {
     "wan_phantom_tab": "CustomVideoX Wan Phantom subject with TAB",
     "wan_vace_ref_tab": "CustomVideoX Wan VACE reference with TAB",
     "wan_t2v_reference": "CustomVideoX Wan text to video with a reference",
+    "wan22_a14b_reference": "CustomVideoX Wan 2.2 A14B two experts with a reference",
 }
 # Loader inputs that name a model file, and the kind of file (model_files) they take.
 LOADER_FILES = {
@@ -157,6 +158,21 @@ WAN_DESCRIPTIONS = {
         "a reference, so judge by eye how much of the subject carries over; strength 0 is exactly the "
         "plain text-to-video run.",
         "`wan2.1_t2v_1.3B_fp16.safetensors`, or the 14B one",
+    ),
+    "wan22_a14b_reference": (
+        "## CustomVideoX on Wan 2.2 A14B: two experts, one reference, one TAB curve\n\n"
+        "The host's Wan 2.2 14B text-to-video graph (`video_wan2_2_14B_t2v`, without the Lightning LoRA: "
+        "640x640, 81 frames, shift 5, 20 euler steps, cfg 3.5): the **high-noise** expert samples steps "
+        "0-10 (`KSamplerAdvanced`, leftover noise returned), the **low-noise** expert steps 10-20. **Reference "
+        "Encode** turns the subject into one latent frame with the Wan 2.1 VAE, at the video's size; one "
+        "**Apply reference** per expert MODEL inserts that same reference, both driven by one **TAB "
+        "schedule** whose `progress` is `noise`: progress is read from the noise level, so the curve runs "
+        "on from the high-noise expert into the low-noise one instead of restarting at 0 in the second "
+        "sampler (`steps` would restart it). Change the split on both samplers together. Plain Wan was not "
+        "trained with a reference, so judge by eye how much of the subject carries over; strength 0 on both "
+        "is the plain run.",
+        "the two Wan 2.2 T2V A14B experts, `wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors` and "
+        "`wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors`, one per loader",
     ),
 }
 
@@ -378,17 +394,24 @@ def api_to_ui(api: dict[str, Any], object_info: dict[str, Any], name: str = "") 
 
 @functools.cache
 def template_models() -> dict[str, dict[str, str]]:
-    """``{file name: properties.models entry}`` over every host template's loader nodes."""
+    """``{file name: properties.models entry}`` over every host template's loader nodes; those inside
+    subgraphs (the Wan 2.2 templates keep their loaders in one) only for files no top-level loader lists."""
     spec = find_spec(TEMPLATE_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"the host's templates package {TEMPLATE_PACKAGE} is not installed (host requirements)")
-    out: dict[str, dict[str, str]] = {}
+    top: list[dict[str, Any]] = []
+    nested: list[dict[str, Any]] = []
     for folder in spec.submodule_search_locations:
         for path in sorted(Path(folder, "templates").glob("*.json")):
             workflow = json.loads(path.read_text(encoding="utf-8"))
-            for node in workflow.get("nodes", []) if isinstance(workflow, dict) else []:
-                for entry in (node.get("properties") or {}).get("models") or []:
-                    out.setdefault(entry["name"], {k: entry[k] for k in ("name", "url", "directory")})
+            if not isinstance(workflow, dict):
+                continue
+            top += workflow.get("nodes", [])
+            nested += [n for g in (workflow.get("definitions") or {}).get("subgraphs") or [] for n in g.get("nodes", [])]
+    out: dict[str, dict[str, str]] = {}
+    for node in (*top, *nested):
+        for entry in (node.get("properties") or {}).get("models") or []:
+            out.setdefault(entry["name"], {k: entry[k] for k in ("name", "url", "directory")})
     return out
 
 

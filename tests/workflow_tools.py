@@ -37,9 +37,9 @@ WORKFLOW_NAMES = (
     "two_references",
     "erae_mask",
 )
-# Examples with their own tests (tests/host/test_wan_e2e.py and test_wan_t2v_e2e.py run them, tests/server/test_wan_workflows.py
-# checks their files).
-API_ONLY_NAMES = ("wan_phantom_tab", "wan_vace_ref_tab", "wan_t2v_reference")
+# Examples with their own tests (tests/host/test_wan_e2e.py, test_wan_t2v_e2e.py and test_wan22_a14b.py run them,
+# tests/server/test_wan_workflows.py checks their files).
+API_ONLY_NAMES = ("wan_phantom_tab", "wan_vace_ref_tab", "wan_t2v_reference", "wan22_a14b_reference")
 PACK_PREFIX = "CustomVideoX"
 # Node types a shipped workflow may use from the host's own node set (anything else must be the pack's).
 CORE_NODE_TYPES = {

@@ -69,13 +69,22 @@ def test_templates_have_titles_thumbnails_and_no_overlapping_nodes(server, tmp_p
         browser.js("""Array.from(document.querySelectorAll('[role=dialog] span'))
                    .find(e => e.textContent.trim() === 'comfyui-customvideox').click(); true""")
         titles = sorted(wt.example_path(n).stem for n in (*wt.WORKFLOW_NAMES, *wt.API_ONLY_NAMES))
-        cards = browser.wait_for(f"""(() => {{ const imgs = Array.from(document.querySelectorAll('[role=dialog] img'))
-            .filter(i => i.complete && i.naturalWidth > 0).map(i => [i.alt, [i.naturalWidth, i.naturalHeight]]);
-            return imgs.length >= {len(titles)} ? imgs : null; }})()""", what="the template cards")
+        # The dialog shows the thumbnails of the rows in view only: collect the cards while scrolling it down,
+        # a step once the ones in view have loaded.
+        cards = browser.wait_for(f"""(() => {{ const seen = window.__cvxCards = window.__cvxCards || {{}};
+            const imgs = Array.from(document.querySelectorAll('[role=dialog] img'));
+            for (const i of imgs) if (i.complete && i.naturalWidth > 0) seen[i.alt] = [i.naturalWidth, i.naturalHeight];
+            if (imgs.length && imgs.every(i => i.complete && i.naturalWidth > 0))
+                for (const e of document.querySelectorAll('[role=dialog] *'))
+                    if (e.scrollHeight > e.clientHeight + 1 && /auto|scroll/.test(getComputedStyle(e).overflowY))
+                        e.scrollTop += e.clientHeight / 2;
+            return Object.keys(seen).length >= {len(titles)} ? Object.entries(seen) : null; }})()""",
+                                 what="the template cards")
         shown = {alt: size for alt, size in cards}
         assert sorted(shown) == titles, shown
         for title, size in shown.items():  # the frontend shows blob: URLs; our thumbnails are the square ones
             assert "void" not in title.lower() and size == [THUMB, THUMB], (title, size)
+        browser.js("""for (const e of document.querySelectorAll('[role=dialog] *')) e.scrollTop = 0; true""")
         dialog = browser.screenshot(shots / "templates_extensions.png")
         if UPDATE_SHOTS:
             save_small_png(dialog, REPO_ROOT / "docs" / "screenshots" / "templates_extensions.png")
