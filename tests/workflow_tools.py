@@ -52,6 +52,7 @@ UI_ONLY_TYPES = {"Note", "MarkdownNote"}  # frontend-only nodes, not in /object_
 # Inputs whose options are the user's files: a shipped name need not exist on the machine that checks it.
 FILE_INPUTS = {
     ("CustomVideoXModelLoader", "model_name"),
+    ("UNETLoader", "unet_name"),  # the Wan examples load the DiT with the core loader
     ("CLIPLoader", "clip_name"),
     ("VAELoader", "vae_name"),
     ("LoadImage", "image"),
