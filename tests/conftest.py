@@ -5,8 +5,9 @@ server process and the browser). Helper modules shared by several levels live be
 
 The pack is imported one way, as the package ``customvideox`` (``scripts/pack_import.py``), registered
 here; the in-process host loads it under the same name, so tests and the host's nodes share one object
-per module. The host's CLI args are parsed here, at import, before any test module can import
-``comfy.model_management`` (it reads ``--cpu`` when first imported).
+per module. The host's CLI args are parsed by ``host/`` and ``server/``'s own conftest, at import, before any
+of their test modules can import ``comfy.model_management`` (it reads ``--cpu`` when first imported);
+``pytest tests/unit`` imports nothing of the host.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import tiny_models as _tiny  # scripts/ (pytest's pythonpath)
 from harness import host as _host
 from pack_import import pack_module
 
-_host.bootstrap_host_args()
 pack_module()  # registers the package `customvideox`
 
 
