@@ -221,7 +221,7 @@ def _biased_call(executor, entries: list[FramesEntry], backbone: Wan, x, leading
             return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
         ref_kv = ref_kv()
     per = batch // len(cond_or_uncond) if cond_or_uncond else batch
-    cond_row = cond_or_uncond.index(0) * per if 0 in cond_or_uncond else 0
+    cond_row = _cond_row(cond_or_uncond, batch)
     auto = {i: e.region for i, e in enumerate(entries) if region_on[i] and e.region.mode == "auto"}
     state = FramesState(entries=entries, layout=layout, entry_bias=entry_bias, entry_off=entry_off,
                         entry_background=entry_background,

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,16 @@ def check_self_call(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, block
         raise PatchError(f"{node}: block {block}'s self-attention has {q.shape[1]} queries / {k.shape[1]} keys, "
                          f"expected {layout.queries} (video and reference frames); another patch may be calling "
                          f"attention inside the Wan blocks")
+
+
+def block_call(block) -> Callable[[dict], dict]:
+    """The ``original_block`` a ``("dit", "double_block", i)`` replace receives, bound to ``block`` itself (the
+    host's own refers to its loop variable when it runs, so a later call, e.g. a checkpoint recompute in
+    backward, would run the last block). Text-to-video: no CLIP image context."""
+    def run(a: dict) -> dict:
+        return {"img": block(a["img"], context=a["txt"], e=a["vec"], freqs=a["pe"], context_img_len=None,
+                             transformer_options=a["transformer_options"])}
+    return run
 
 
 def to_heads(t: torch.Tensor, heads: int) -> torch.Tensor:

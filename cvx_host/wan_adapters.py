@@ -38,7 +38,7 @@ import torch.utils.checkpoint
 from ..cvx_core.lora import WAN_REFERENCE_MODULES, LoraPair, ReferenceLora
 from . import options
 from .errors import PatchError
-from .wan import CallOrder
+from .wan import CallOrder, block_call
 
 
 @dataclass(frozen=True)
@@ -110,13 +110,8 @@ class ReferenceLoraBlock:
         if not (options.checkpointing(opts) and torch.is_grad_enabled()):
             return self._run(args, extra, active)
         state = opts[options.FRAMES_STATE_KEY]  # there are reference rows: the frames patch set its state
-        block = state.backbone.dm.blocks[self.index]
-
-        def original_block(a: dict) -> dict:
-            # The host's own original_block calls the loop variable ``block`` when it runs, so a recompute in
-            # backward (after the loop) would run the last block: bind this block here. No CLIP context on T2V.
-            return {"img": block(a["img"], context=a["txt"], e=a["vec"], freqs=a["pe"], context_img_len=None,
-                                 transformer_options=a["transformer_options"])}
+        # The host's own original_block would run the last block in the recompute: bind this one.
+        original_block = block_call(state.backbone.dm.blocks[self.index])
 
         def run(img: torch.Tensor) -> torch.Tensor:
             # The recompute also needs this block's index and a fresh self/cross count in the options.

@@ -28,7 +28,7 @@ from ..cvx_core.token_layout import TokenLayout
 from . import options
 from .progress import call_sigmas
 from .run_cache import cached_stream, stream_text
-from .wan import CallOrder, to_heads
+from .wan import CallOrder, block_call, to_heads
 
 ROPE_ATTR = "diffusion_model.rope_encode"
 # (reference frames in front of the video, reference_rope) of the current two-way model call, read by WanRope.
@@ -153,13 +153,9 @@ def reference_stream_kv(dm: WanModel, latent: torch.Tensor, text: torch.Tensor, 
         if replace is None:
             hidden = block(hidden, e=e0, freqs=freqs, context=context, context_img_len=None, transformer_options=opts)
             continue
-
-        def original_block(a: dict, block=block) -> dict:
-            return {"img": block(a["img"], context=a["txt"], e=a["vec"], freqs=a["pe"], context_img_len=None,
-                                 transformer_options=a["transformer_options"])}
         # Block patches (the pack's reference adapters among them) see the pass as the host's forward shows them.
         hidden = replace({"img": hidden, "txt": context, "vec": e0, "pe": freqs, "transformer_options": opts},
-                         {"original_block": original_block})["img"]
+                         {"original_block": block_call(block)})["img"]
     return capture.kv
 
 
