@@ -22,10 +22,12 @@ def apply_defaults() -> dict[str, Any]:
 
 
 def apply_reference(model, latent: torch.Tensor, width: int | None = None, height: int | None = None,
-                    **overrides: Any):
+                    family: str = "CogVideoX", **overrides: Any):
     """``model`` patched by CustomVideoXApply with the reference ``latent`` ``[N, C, F, h, w]`` (a VAE
-    latent as CustomVideoXReferenceEncode gives it), at the node's defaults plus ``overrides``."""
-    ref = EncodedReference(latent=latent, width=width or latent.shape[-1] * 8, height=height or latent.shape[-2] * 8)
+    latent as CustomVideoXReferenceEncode gives it, from a VAE of ``family``), at the node's defaults plus
+    ``overrides``."""
+    ref = EncodedReference(latent=latent, width=width or latent.shape[-1] * 8, height=height or latent.shape[-2] * 8,
+                           family=family)
     return CustomVideoXApply.execute(model=model, reference=ref, **(apply_defaults() | overrides)).result[0]
 
 

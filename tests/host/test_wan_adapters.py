@@ -24,6 +24,7 @@ import tiny_wan as tw
 import torch
 from customvideox.cvx_core import lora
 from customvideox.cvx_host import adapters
+from harness import patching
 from safetensors.torch import save_file
 
 pytestmark = [pytest.mark.host, pytest.mark.usefixtures("one_thread")]
@@ -88,23 +89,11 @@ def inputs(seed: int):
 
 
 def with_reference(host, m, raw_ref, **kw):
-    from customvideox.nodes import types as types
-    enc = types.EncodedReference(latent=raw_ref, width=W * 8, height=H * 8, family="Wan2.1")
-    args = dict(strength=1.0, block_start=0, block_end=-1, apply_to_uncond=True, attention_mode="two_way",
-                reference_rope="negative")
-    args.update(kw)
-    return host.node_classes["CustomVideoXApply"].execute(model=m, reference=enc, **args).result[0]
+    return patching.apply_reference(m, raw_ref, family="Wan2.1", **kw)
 
 
 def forward(m, x, t, ctx, cond_or_uncond=None) -> torch.Tensor:
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([m])
-    opts = dict(m.model_options["transformer_options"], wrappers=m.wrappers)
-    if cond_or_uncond is not None:
-        opts["cond_or_uncond"] = cond_or_uncond
-    with torch.no_grad():
-        return m.model.diffusion_model(x, t, ctx, transformer_options=opts)
+    return patching.forward(m, x, t, ctx, **({} if cond_or_uncond is None else {"cond_or_uncond": cond_or_uncond}))
 
 
 def load(host, m, path: Path, strength: float = 1.0, mode: str = "reference_only"):

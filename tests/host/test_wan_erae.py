@@ -18,6 +18,7 @@ import math
 import pytest
 import tiny_wan as tw
 import torch
+from harness import patching
 from test_erae_fidelity import alone_vs_batched, max_diff
 from test_wan_oracle import ATOL, HW, NODE, H, Spec, T, W, diffusers_run, host_run, inputs
 from wan_graphs import LATENT, SIZE, latent_only, nodes_of, tiny_t2v
@@ -177,13 +178,9 @@ class TwoReferences(Spec):
 
 def _stacked(host, sd, raws: list[torch.Tensor], settings: list[dict]):
     import comfy.sd
-    from customvideox.nodes import types as types
     model = comfy.sd.load_diffusion_model_state_dict(dict(sd))
     for raw, kw in zip(raws, settings):
-        enc = types.EncodedReference(latent=raw, width=W * 8, height=H * 8, family="Wan2.1")
-        args = {**dict(block_start=0, block_end=-1, apply_to_uncond=True, attention_mode="two_way",
-                       reference_rope="negative"), **kw}
-        model = host.node_classes["CustomVideoXApply"].execute(model=model, reference=enc, **args).result[0]
+        model = patching.apply_reference(model, raw, family="Wan2.1", **kw)
     return model
 
 

@@ -17,6 +17,7 @@ import math
 import pytest
 import tiny_wan as tw
 import torch
+from harness import patching
 from test_wan_oracle import projections
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,27 +115,19 @@ def diffusers_run(sd: dict, latent: torch.Tensor, t: torch.Tensor, ctx: torch.Te
 
 
 def apply_model(host, sd: dict, refs: list[torch.Tensor], **node_kw):
-    """The host's Wan with one CustomVideoXApply (the node's own execute) per reference, chained."""
+    """The host's Wan with one CustomVideoXApply (the node's own execute) per reference, chained; one_way
+    unless ``attention_mode`` says otherwise (a list value: one per reference)."""
     import comfy.sd
 
     model = comfy.sd.load_diffusion_model_state_dict(dict(sd))
-    from customvideox.nodes import types as types
-    args = dict(strength=1.0, block_start=0, block_end=-1, apply_to_uncond=True, attention_mode="one_way",
-                reference_rope="negative")
     for i, raw in enumerate(refs):
-        kw = {**args, **{k: (v[i] if isinstance(v, list) else v) for k, v in node_kw.items()}}
-        enc = types.EncodedReference(latent=raw, width=W * 8, height=H * 8, family="Wan2.1")
-        model = host.node_classes["CustomVideoXApply"].execute(model=model, reference=enc, **kw).result[0]
+        kw = {"attention_mode": "one_way", **{k: (v[i] if isinstance(v, list) else v) for k, v in node_kw.items()}}
+        model = patching.apply_reference(model, raw, family="Wan2.1", **kw)
     return model
 
 
 def forward(model, x, t, ctx, opts=None) -> torch.Tensor:
-    import comfy.model_management
-
-    comfy.model_management.load_models_gpu([model])
-    to = dict(model.model_options["transformer_options"], wrappers=model.wrappers, **(opts or {}))
-    with torch.no_grad():
-        return model.model.diffusion_model(x, t, ctx, transformer_options=to)
+    return patching.forward(model, x, t, ctx, **(opts or {}))
 
 
 def inputs(seed: int, refs: int = 1):

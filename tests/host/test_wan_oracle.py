@@ -13,6 +13,7 @@ import math
 import pytest
 import tiny_wan as tw
 import torch
+from harness import patching
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NODE = "CustomVideoXReferenceFramesBias"
@@ -410,20 +411,11 @@ class InsertedSpec(Spec):
 
 def apply_run(host, sd: dict, raw_ref: torch.Tensor, x, t, ctx, opts=None, **node_kw) -> torch.Tensor:
     """The host's Wan with CustomVideoXApply (the node's own execute) and its wrappers, one forward."""
-    import comfy.model_management
     import comfy.sd
 
     model = comfy.sd.load_diffusion_model_state_dict(dict(sd))
-    from customvideox.nodes import types as types
-    enc = types.EncodedReference(latent=raw_ref, width=W * 8, height=H * 8, family="Wan2.1")
-    args = dict(strength=1.0, block_start=0, block_end=-1, apply_to_uncond=True, attention_mode="two_way",
-                reference_rope="negative")
-    args.update(node_kw)
-    model = host.node_classes["CustomVideoXApply"].execute(model=model, reference=enc, **args).result[0]
-    comfy.model_management.load_models_gpu([model])
-    to = dict(model.model_options["transformer_options"], wrappers=model.wrappers, **(opts or {}))
-    with torch.no_grad():
-        return model.model.diffusion_model(x, t, ctx, transformer_options=to)
+    model = patching.apply_reference(model, raw_ref, family="Wan2.1", **node_kw)
+    return patching.forward(model, x, t, ctx, **(opts or {}))
 
 
 def test_apply_on_wan_t2v_inserts_the_reference_and_equals_the_dense_oracle(host, wan_sd):
