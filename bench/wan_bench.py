@@ -79,15 +79,20 @@ def subject_mask() -> torch.Tensor:
     return mask
 
 
-def rows(model, frames: int) -> dict:
-    wr = bb.pack_module("cvx_host.frames_patch")
+def call_inputs(frames: int, seed: int):
+    """One call's video latent, reference latent frame, text, timestep and an ERAE mask region (seeded)."""
     er = bb.pack_module("cvx_core.entity_region")
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 16, frames, LAT_H, LAT_W, generator=g)
     ref = torch.randn(1, 16, 1, LAT_H, LAT_W, generator=g)
     ctx = torch.randn(1, TEXT_TOKENS, 4096, generator=g)
-    t = torch.tensor([500.0])
     region = er.EntityRegion(mode="mask", mask=torch.rand(frames, LAT_H // 2, LAT_W // 2, generator=g), lam=1.0)
+    return x, ref, ctx, torch.tensor([500.0]), region
+
+
+def rows(model, frames: int) -> dict:
+    wr = bb.pack_module("cvx_host.frames_patch")
+    x, ref, ctx, t, region = call_inputs(frames, seed=1)
     patched = {
         "unpatched": model,
         "bias": wr.apply_frames_bias(model, wr.FramesEntry(strength=2.0)),
@@ -109,15 +114,9 @@ def rows(model, frames: int) -> dict:
 def inserted_rows(model, frames: int) -> dict:
     """CustomVideoXApply on Wan T2V through its real path (the wrapper, the override; one-way with its stream)."""
     wi = bb.pack_module("cvx_host.wan_insert")
-    er = bb.pack_module("cvx_core.entity_region")
     tab = bb.pack_module("cvx_core.tab_schedule")
     opt, rc = bb.pack_module("cvx_host.options"), bb.pack_module("cvx_host.run_cache")
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 16, frames, LAT_H, LAT_W, generator=g)
-    ref = torch.randn(1, 16, 1, LAT_H, LAT_W, generator=g)  # a VAE latent, as CustomVideoXReferenceEncode gives it
-    ctx = torch.randn(1, TEXT_TOKENS, 4096, generator=g)
-    t = torch.tensor([500.0])
-    region = er.EntityRegion(mode="mask", mask=torch.rand(frames, LAT_H // 2, LAT_W // 2, generator=g), lam=1.0)
+    x, ref, ctx, t, region = call_inputs(frames, seed=2)  # ref: a VAE latent, as CustomVideoXReferenceEncode gives it
 
     def apply(mode: str, with_region: bool):
         return wi.apply_wan_reference(
